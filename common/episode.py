@@ -1,0 +1,179 @@
+"""One episode = one token sequence (token in, token out; DESIGN.md section 3).
+
+The first prompt (system + first observation) is rendered once with the tokenizer's chat template.
+After that the sequence only grows: the agent's generated tokens are appended exactly as sampled
+(ending with `<|im_end|>`), then the next observation as a user turn followed by the assistant header.
+A chat is never re-rendered, so the tokens the teacher scores and the student trains on are exactly
+the tokens the agent acted on.
+
+`loss_mask` marks agent-generated tokens (the closing `<|im_end|>` included); `turn_id` maps each token
+to its turn (-1 for prompt and environment tokens); `role` marks who wrote it (0 = environment/prompt,
+1 = student, 2 = teacher) so that Guided-OPD can give teacher turns and student turns different losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ENV, STUDENT, TEACHER = 0, 1, 2
+
+
+def _template_ids(tokenizer, messages, thinking: bool, generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
+                                        enable_thinking=thinking)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def first_prompt_ids(tokenizer, system: str, observation: str, thinking: bool = False) -> list[int]:
+    """System prompt + first observation + assistant header, as the chat template renders them."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": observation}]
+    return _template_ids(tokenizer, messages, thinking, True)
+
+
+def observation_ids(tokenizer, observation: str, thinking: bool = False) -> list[int]:
+    """The tokens that follow an agent turn's `<|im_end|>`: the newline that closes the turn, the
+    observation as a user turn, and the next assistant header (with the empty think block Qwen3's
+    template adds in non-thinking mode). Rendered by the template itself, so it works for any
+    ChatML-style template without a default system prompt (Qwen3 and the tiny one)."""
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    return newline + _template_ids(tokenizer, [{"role": "user", "content": observation}], thinking, True)
+
+
+def end_of_turn_id(tokenizer) -> int:
+    return tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+@dataclass
+class Episode:
+    """A growing token sequence with its per-token masks, plus what the environment reported."""
+
+    ids: list[int]
+    loss_mask: list[int]
+    turn_id: list[int]
+    role: list[int]
+    turns: int = 0
+    done: bool = False
+    truncated: bool = False
+    success: bool = False
+    score: float = 0.0
+    reward: float = 0.0
+    invalid_turns: int = 0
+    task: str = ""
+    seed: int = 0
+    prompt_len: int = 0
+    replies: list[str] = field(default_factory=list)
+    observations: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, tokenizer, system: str, observation: str, thinking: bool = False, **kw) -> "Episode":
+        ids = first_prompt_ids(tokenizer, system, observation, thinking)
+        n = len(ids)
+        return cls(ids=ids, loss_mask=[0] * n, turn_id=[-1] * n, role=[ENV] * n, prompt_len=n,
+                   observations=[observation], **kw)
+
+    def append_reply(self, ids: list[int], role: int, eot_id: int, trained: bool = True) -> None:
+        """Append one agent turn exactly as generated. If generation stopped before `<|im_end|>`
+        (max new tokens), the closing token is added but not trained (the agent did not write it)."""
+        closed = len(ids) > 0 and ids[-1] == eot_id
+        self.ids += ids
+        self.loss_mask += [int(trained)] * len(ids)
+        if not closed:
+            self.ids.append(eot_id)
+            self.loss_mask.append(0)
+        n = len(ids) + (0 if closed else 1)
+        self.turn_id += [self.turns] * n
+        self.role += [role] * n
+        self.turns += 1
+
+    def append_observation(self, tokenizer, observation: str, thinking: bool = False) -> None:
+        obs = observation_ids(tokenizer, observation, thinking)
+        self.ids += obs
+        self.loss_mask += [0] * len(obs)
+        self.turn_id += [-1] * len(obs)
+        self.role += [ENV] * len(obs)
+        self.observations.append(observation)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def collate(episodes: list[Episode], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch tensors: input_ids, attention_mask, loss_mask, turn_id, role."""
+    T = max(len(e) for e in episodes)
+    B = len(episodes)
+    out = {
+        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((B, T), dtype=torch.long),
+        "loss_mask": torch.zeros((B, T), dtype=torch.bool),
+        "turn_id": torch.full((B, T), -1, dtype=torch.long),
+        "role": torch.zeros((B, T), dtype=torch.long),
+    }
+    for i, e in enumerate(episodes):
+        n = len(e)
+        out["input_ids"][i, :n] = torch.tensor(e.ids)
+        out["attention_mask"][i, :n] = 1
+        out["loss_mask"][i, :n] = torch.tensor(e.loss_mask, dtype=torch.bool)
+        out["turn_id"][i, :n] = torch.tensor(e.turn_id)
+        out["role"][i, :n] = torch.tensor(e.role)
+    return out
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                     top_p: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Sample one turn for each prompt (a list of token ids), batched with left padding.
+
+    Returns each reply's new tokens up to and including the first `<|im_end|>` (or `max_new_tokens`
+    tokens if it never came). temperature 0 = greedy. A small, explicit decoding loop with a plain
+    key/value cache: on long multi-turn prompts it is several times faster here than `generate`'s
+    default cache machinery, and every rank runs the same number of steps (FSDP needs that)."""
+    device = next(model.parameters()).device
+    eot = end_of_turn_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad, dtype=torch.long)
+    mask = torch.zeros((B, P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out_tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
+    past, step_ids, step_pos = None, ids, positions
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    for t in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
+                    use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        if temperature <= 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:
+                sorted_p, order = probs.sort(-1, descending=True)
+                keep = sorted_p.cumsum(-1) - sorted_p < top_p
+                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        out_tokens[:, t] = nxt
+        just_done = (~finished) & (nxt == eot)
+        lengths = torch.where(just_done, torch.full_like(lengths, t + 1), lengths)
+        finished |= just_done
+        all_done = finished.all()
+        if distributed:  # FSDP: every rank must run the same number of forward passes
+            flag = (~all_done).float().reshape(1)
+            torch.distributed.all_reduce(flag)
+            all_done = flag.item() == 0
+        if all_done:
+            break
+        step_ids = nxt[:, None]
+        step_pos = positions[:, -1:] + t + 1
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+    out_tokens, lengths = out_tokens.cpu(), lengths.cpu()
+    return [out_tokens[i, : lengths[i]].tolist() for i in range(B)]

@@ -1,0 +1,407 @@
+"""The embedded default: tiny Qwen3 teachers and a tiny student that run on a laptop in minutes.
+
+Model weights cannot be downloaded everywhere, and a user trying the project should see a method learn
+in minutes on a CPU. So every script's defaults run a real, small version of the whole method:
+
+- a byte-level BPE tokenizer (about 1.5k tokens) trained on TextWorld-Express text, with the Qwen3
+  special tokens and a ChatML chat template like Qwen3's;
+- one tiny Qwen3 expert per default game ("the RL expert" of the papers), trained by supervised
+  learning on the games' expert trajectories, rendered in exactly the token format the scripts use;
+- a smaller tiny Qwen3 student, trained briefly on trajectories of a random valid-action policy, so it
+  knows the format but not the tasks, like a small pretrained model that never saw the benchmark.
+
+Everything is deterministic from the recipe's seed and cached under `$AGENT_DISTILL_CACHE` (default
+`~/.cache/agent-distill`) in a folder named by a hash of the recipe, so a changed recipe rebuilds.
+`python -m common.tiny` builds it all and prints held-out success of every expert and of the student.
+`AGENT_DISTILL_TINY=smoke` selects a seconds-long recipe whose models are untrained (for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import envs
+from common.episode import STUDENT, Episode, collate, end_of_turn_id, generate_replies
+
+# The games of the embedded default, chosen by measurement (see `python -m common.tiny` and the
+# README): held-out success of the tiny experts on them is >= 90%. Coin is played with fewer rooms so
+# that a tiny model can hold the explored map in its context.
+DEFAULT_GAMES = {
+    "simonsays": "twx:simonsays",
+    "peckingorder": "twx:peckingorder",
+    "coin": "twx:coin:numLocations=4",
+}
+# Games measured and left out of the default set, with the reason (shown in the table).
+LEFT_OUT = {
+    "mapreader": "twx:mapreader",
+    "sorting": "twx:sorting",
+    "arithmetic": "twx:arithmetic",
+    "twc": "twx:twc",
+    "cookingworld": "twx:cookingworld:numLocations=1,numIngredients=1,numDistractorItems=0",
+}
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+ADDED_TOKENS = ["<action>", "</action>"]  # one token each: tiny models learn the format faster
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mlp: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the built artefacts; its hash names the cache folder."""
+
+    version: int = 2  # bump when the build code changes what it produces
+    seed: int = 0
+    vocab_size: int = 1536
+    games: tuple = tuple(DEFAULT_GAMES.items())
+    expert: ModelShape = ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, mlp=384)
+    student: ModelShape = ModelShape(hidden=96, layers=3, heads=4, kv_heads=2, mlp=288)
+    expert_episodes: int = 800  # expert trajectories per game (train-split seeds)
+    expert_steps: int = 900  # optimizer steps per expert
+    student_episodes: int = 300  # random-policy trajectories per game
+    student_steps: int = 300
+    batch_tokens: int = 1024  # tokens per optimizer step: small batches, many steps (DESIGN.md 4)
+    lr: float = 5e-3
+    max_turns: int = 20
+    eval_episodes: int = 100  # held-out seeds per game for the table
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+FULL = Recipe()
+SMOKE = Recipe(expert=ModelShape(32, 1, 2, 1, 64), student=ModelShape(32, 1, 2, 1, 64), vocab_size=600,
+               expert_episodes=8, expert_steps=2, student_episodes=4, student_steps=2, eval_episodes=4,
+               max_turns=6)
+
+
+def recipe() -> Recipe:
+    return SMOKE if os.environ.get("AGENT_DISTILL_TINY", "") == "smoke" else FULL
+
+
+def cache_root() -> str:
+    return os.environ.get("AGENT_DISTILL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "agent-distill"))
+
+
+def build_dir(r: Recipe | None = None) -> str:
+    r = r or recipe()
+    return os.path.join(cache_root(), f"tiny-{r.key()}")
+
+
+def game_spec(game: str) -> str:
+    games = dict(recipe().games)
+    if game not in games:
+        raise ValueError(f"no tiny expert for game {game!r}; the tiny experts are: {', '.join(games)}")
+    return games[game]
+
+
+def expert_for(env_spec: str) -> str:
+    """The tiny expert's name for an environment spec of the default set (`tiny-expert:<game>`)."""
+    for game, spec in recipe().games:
+        if spec == env_spec or spec.split(":")[:2] == env_spec.split(":")[:2]:
+            return f"tiny-expert:{game}"
+    raise ValueError(f"no tiny expert for env {env_spec!r}; tiny experts exist for "
+                     f"{', '.join(s for _, s in recipe().games)}: pass --teacher")
+
+
+def model_path(name: str) -> str:
+    """Local folder of `tiny` (the student), `tiny-expert:<game>` or `tokenizer`; builds on first use."""
+    r = recipe()
+    if name == "tiny":
+        sub = "student"
+    elif name.startswith("tiny-expert:"):
+        game = name.split(":", 1)[1]
+        game_spec(game)
+        sub = f"expert-{game}"
+    elif name == "tokenizer":
+        sub = "tokenizer"
+    else:
+        raise ValueError(f"unknown tiny model {name!r}; use tiny or tiny-expert:<{'|'.join(dict(r.games))}>")
+    path = os.path.join(build_dir(r), sub)
+    if not os.path.exists(os.path.join(path, "config.json" if sub != "tokenizer" else "tokenizer.json")):
+        build(r)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Trajectories as text: (system prompt, observations, actions)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TextTrajectory:
+    system: str
+    observations: list = field(default_factory=list)
+    actions: list = field(default_factory=list)
+    success: bool = False
+
+
+def play(spec: str, seeds, policy: str, max_turns: int, rng: random.Random, split: str = "train"):
+    """Play one episode per seed with `policy` ("oracle" or "random" valid actions)."""
+    env = envs.make(spec, split=split)
+    out = []
+    try:
+        for seed in seeds:
+            obs, info = env.reset(seed)
+            traj = TextTrajectory(env.system_prompt(), [obs])
+            for _ in range(max_turns):
+                if policy == "oracle":
+                    plan = env.oracle_actions()
+                    if not plan:
+                        break
+                    action = plan[0]
+                else:
+                    action = rng.choice(info["valid_actions"])
+                obs, _, done, info = env.step(f"<action>{action}</action>")
+                traj.actions.append(action)
+                if done:
+                    break
+                traj.observations.append(obs)
+            traj.success = bool(info["success"])
+            out.append(traj)
+    finally:
+        env.close()
+    return out
+
+
+def reply_text(action: str) -> str:
+    return f"<action>{action}</action>"
+
+
+def render(tokenizer, traj: TextTrajectory) -> Episode:
+    """A text trajectory in the scripts' token format (common/episode.py), agent turns trained."""
+    eot = end_of_turn_id(tokenizer)
+    ep = Episode.start(tokenizer, traj.system, traj.observations[0])
+    for k, action in enumerate(traj.actions):
+        ep.append_reply(tokenizer.encode(reply_text(action), add_special_tokens=False) + [eot], STUDENT, eot)
+        if k + 1 < len(traj.observations):
+            ep.append_observation(tokenizer, traj.observations[k + 1])
+    return ep
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+def build_tokenizer(r: Recipe, path: str):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(r.seed)
+    texts = []
+    for spec in [s for _, s in r.games] + [s for s in LEFT_OUT.values()]:
+        for policy in ("oracle", "random"):
+            for traj in play(spec, range(40), policy, 15, rng):
+                texts.append(traj.system)
+                texts += traj.observations
+                texts += [reply_text(a) for a in traj.actions]
+    texts += [envs.base.INVALID_FEEDBACK] + ["system\nuser\nassistant\n"] * 50
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=r.vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.add_tokens([AddedToken(t, special=False) for t in ADDED_TOKENS])  # kept by decode(skip_special_tokens)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: supervised training on rendered trajectories, and held-out evaluation
+# --------------------------------------------------------------------------------------------------
+def new_model(shape: ModelShape, vocab: int, seed: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                         head_dim=shape.hidden // shape.heads, intermediate_size=shape.mlp,
+                         max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=10000.0,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return Qwen3ForCausalLM(config)
+
+
+def batches_by_tokens(episodes: list[Episode], batch_tokens: int, rng: random.Random):
+    """Endless shuffled batches of whole episodes, about `batch_tokens` (padded) tokens each."""
+    if not episodes:
+        raise ValueError("no episodes to train on")
+    while True:
+        order = list(range(len(episodes)))
+        rng.shuffle(order)
+        batch, longest = [], 0
+        for i in order:
+            n = len(episodes[i])
+            if batch and max(longest, n) * (len(batch) + 1) > batch_tokens:
+                yield batch
+                batch, longest = [], 0
+            batch.append(episodes[i])
+            longest = max(longest, n)
+        if batch:
+            yield batch
+
+
+def train_sft(model, episodes: list[Episode], steps: int, r: Recipe, pad_id: int, desc: str, seed: int):
+    """Cross-entropy on the agent tokens (loss_mask), AdamW, short warmup then cosine decay."""
+    from tqdm import tqdm
+
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    model.train()
+    it = batches_by_tokens(episodes, r.batch_tokens, rng)
+    bar = tqdm(range(steps), desc=desc, file=sys.stderr, leave=False, mininterval=2.0)
+    for _ in bar:
+        b = collate(next(it), pad_id)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        target, mask = b["input_ids"][:, 1:], b["loss_mask"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[mask], target[mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, spec: str, seeds, max_turns: int, split: str = "heldout", batch: int = 25,
+             max_new_tokens: int = 24) -> dict:
+    """Greedy batched rollouts on `seeds`; returns success rate, score and mean turns."""
+    eot = end_of_turn_id(tokenizer)
+    results = []
+    seeds = list(seeds)
+    for start in range(0, len(seeds), batch):
+        chunk = seeds[start:start + batch]
+        pool = [envs.make(spec, split=split) for _ in chunk]
+        eps = []
+        for env, seed in zip(pool, chunk):
+            obs, info = env.reset(seed)
+            eps.append(Episode.start(tokenizer, env.system_prompt(), obs))
+        active = list(range(len(chunk)))
+        for _ in range(max_turns):
+            if not active:
+                break
+            replies = generate_replies(model, tokenizer, [eps[i].ids for i in active], max_new_tokens, 0.0)
+            still = []
+            for i, ids in zip(active, replies):
+                eps[i].append_reply(ids, STUDENT, eot)
+                obs, _, done, info = pool[i].step(tokenizer.decode(ids, skip_special_tokens=True))
+                eps[i].success, eps[i].score = info["success"], info["score"]
+                if not done:
+                    eps[i].append_observation(tokenizer, obs)
+                    still.append(i)
+            active = still
+        for env in pool:
+            env.close()
+        results += eps
+    n = len(results)
+    return {"success_rate": sum(e.success for e in results) / n, "score": sum(e.score for e in results) / n,
+            "episode_turns": sum(e.turns for e in results) / n}
+
+
+# --------------------------------------------------------------------------------------------------
+# The build
+# --------------------------------------------------------------------------------------------------
+def _save_atomic(model, tokenizer, path: str, extra: dict):
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "tiny.json"), "w") as f:
+        json.dump(extra, f, indent=1)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def build(r: Recipe | None = None, verbose: bool = True) -> dict:
+    """Build whatever is missing of the recipe's tokenizer, experts and student; return the table."""
+    from transformers import AutoTokenizer
+
+    r = r or recipe()
+    root = build_dir(r)
+    os.makedirs(root, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
+    tok_path = os.path.join(root, "tokenizer")
+    if not os.path.exists(os.path.join(tok_path, "tokenizer.json")):
+        log(f"[tiny] building the tokenizer in {root}")
+        tmp = tok_path + ".tmp"
+        build_tokenizer(r, tmp)
+        os.replace(tmp, tok_path)
+    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    pad = tokenizer.pad_token_id
+    heldout = range(r.eval_episodes)
+    table = {}
+    for k, (game, spec) in enumerate(r.games):
+        path = os.path.join(root, f"expert-{game}")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            t0 = time.time()
+            trajs = play(spec, range(r.expert_episodes), "oracle", r.max_turns, random.Random(r.seed))
+            # only successful expert episodes (all of them if none succeeded, as in the smoke recipe)
+            episodes = [render(tokenizer, t) for t in trajs if t.success] or [render(tokenizer, t) for t in trajs]
+            model = new_model(r.expert, len(tokenizer), r.seed + 1 + k)
+            train_sft(model, episodes, r.expert_steps, r, pad, f"expert {game}", r.seed + k)
+            ev = evaluate(model, tokenizer, spec, heldout, r.max_turns)
+            _save_atomic(model, tokenizer, path, {"game": game, "env": spec, "heldout": ev,
+                                                  "train_seconds": time.time() - t0})
+            log(f"[tiny] expert {game}: held-out success {ev['success_rate']:.2f} ({time.time() - t0:.0f}s)")
+        table.setdefault(game, {})["teacher"] = json.load(open(os.path.join(path, "tiny.json")))["heldout"]
+    path = os.path.join(root, "student")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        t0 = time.time()
+        rng = random.Random(r.seed + 100)
+        episodes = []
+        for game, spec in r.games:
+            episodes += [render(tokenizer, t) for t in play(spec, range(r.student_episodes), "random", r.max_turns, rng)]
+        model = new_model(r.student, len(tokenizer), r.seed + 100)
+        train_sft(model, episodes, r.student_steps, r, pad, "student", r.seed + 100)
+        ev = {game: evaluate(model, tokenizer, spec, heldout, r.max_turns) for game, spec in r.games}
+        _save_atomic(model, tokenizer, path, {"heldout": ev, "train_seconds": time.time() - t0})
+        log(f"[tiny] student: held-out success " + ", ".join(f"{g} {v['success_rate']:.2f}" for g, v in ev.items()))
+    for game, ev in json.load(open(os.path.join(path, "tiny.json")))["heldout"].items():
+        table.setdefault(game, {})["student"] = ev
+    return table
+
+
+def main():
+    r = recipe()
+    t0 = time.time()
+    table = build(r)
+    print(f"tiny default in {build_dir(r)} ({time.time() - t0:.0f}s)")
+    print(f"{'game':<14} {'env':<34} {'teacher':>8} {'student':>8}   (held-out success, {r.eval_episodes} seeds)")
+    for game, spec in r.games:
+        row = table[game]
+        print(f"{game:<14} {spec:<34} {row['teacher']['success_rate']:>8.2f} {row['student']['success_rate']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
