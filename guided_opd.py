@@ -72,7 +72,7 @@ class Args:
     """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny`"""
     teacher: str = "tiny-expert"
     """the teacher (frozen); `tiny-expert` = the tiny expert of --env's game"""
-    env: str = "twx:coin:numLocations=4"
+    env: str = "twx:peckingorder"
     """environment spec, e.g. twx:coin, scienceworld:boil, alfworld (see envs/)"""
     thinking: bool = False
     """Qwen3 thinking mode in the chat template (the tiny models do not think)"""
@@ -90,9 +90,9 @@ class Args:
     """sampling temperature of training rollouts (student and teacher turns)"""
 
     # Optimization
-    total_iterations: int = 60
+    total_iterations: int = 40
     """training iterations: one batch of rollouts and one optimizer step each"""
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     """AdamW learning rate"""
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     """learning rate after warmup: constant, or decaying to 0 at the end"""
@@ -102,15 +102,17 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
+    num_minibatches: int = 8
+    """optimizer steps per iteration: the rollout batch is split into this many mini-batches"""
     micro_batch_tokens: int = 4096
-    """token budget of one forward/backward micro-batch (gradient accumulation over the rest)"""
+    """token budget of one forward/backward micro-batch (gradient accumulation within a mini-batch)"""
     activation_checkpointing: bool = False
     """recompute decoder layers in backward to save memory (real models)"""
 
     # Evaluation and checkpoints
     eval_interval: int = 10
     """evaluate the student (beta = 0, greedy) every N iterations"""
-    eval_episodes: int = 100
+    eval_episodes: int = 64
     """held-out episodes per evaluation (split over ranks)"""
     eval_temperature: float = 0.0
     """sampling temperature of evaluation (0 = greedy)"""
@@ -217,13 +219,12 @@ def set_rollout_mode(models, on: bool):
 # are appended to one sequence per episode with their role, so the loss knows who wrote what.
 # ----------------------------------------------------------------------------------------------------
 def rollout(student, teacher, tokenizer, pool, seeds, beta, args: Args, role_rng: random.Random,
-            gen: torch.Generator, temperature: float, device) -> list[Episode]:
+            gen: torch.Generator, temperature: float, device, max_turns: int) -> list[Episode]:
     eot = end_of_turn_id(tokenizer)
     episodes = []
     for env, seed in zip(pool, seeds):
         obs, info = env.reset(seed)
         episodes.append(Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=info["task"], seed=seed))
-    max_turns = args.max_turns or pool[0].max_turns
     active = [i for i, e in enumerate(episodes) if not _truncate_if_full(e, args)]
     for _ in range(max_turns):
         # every rank must run the same generate calls (FSDP): stop only when all ranks are done
@@ -333,16 +334,21 @@ def micro_batches(episodes: list[Episode], budget: int) -> list[list[int]]:
     return groups
 
 
-def evaluate(student, tokenizer, args: Args, rank: int, world: int, device, n: int) -> tuple[dict, list[Episode]]:
-    """The student alone (beta = 0) on held-out seeds, split across ranks."""
+def evaluate(student, tokenizer, args: Args, pool, rank: int, world: int, device, n: int) -> tuple[dict, list[Episode]]:
+    """The student alone (beta = 0) on `n` held-out seeds, split across ranks, `len(pool)` at a time."""
     seeds = list(range(rank, n, world))
-    pool = [envs.make(args.env, seed=args.seed, split="heldout") for _ in seeds]
     gen = torch.Generator(device=device).manual_seed(args.seed + 12345 + rank)
-    eps = rollout(student, None, tokenizer, pool, seeds, 0.0, args, random.Random(0), gen, args.eval_temperature, device)
-    for env in pool:
-        env.close()
-    tot = all_sum([len(eps), sum(e.success for e in eps), sum(e.score for e in eps), sum(e.turns for e in eps)], device)
-    return {"success_rate": tot[1] / tot[0], "score": tot[2] / tot[0], "episode_turns": tot[3] / tot[0]}, eps
+    episodes = []
+    n_rounds = torch.tensor([math.ceil(len(seeds) / len(pool))], device=device)
+    dist.all_reduce(n_rounds, op=dist.ReduceOp.MAX)  # every rank runs the same number of rollouts
+    for k in range(int(n_rounds.item())):
+        chunk = seeds[k * len(pool):(k + 1) * len(pool)]
+        eps = rollout(student, None, tokenizer, pool[:len(chunk)], chunk, 0.0, args, random.Random(0), gen,
+                      args.eval_temperature, device, args.max_turns or pool[0].max_turns)
+        episodes += eps
+    tot = all_sum([len(episodes), sum(e.success for e in episodes), sum(e.score for e in episodes),
+                   sum(e.turns for e in episodes)], device)
+    return {"success_rate": tot[1] / tot[0], "score": tot[2] / tot[0], "episode_turns": tot[3] / tot[0]}, episodes
 
 
 def trajectory_text(tokenizer, ep: Episode) -> str:
@@ -409,6 +415,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.num_envs < 1 or args.total_iterations < 1:
         fail("--num-envs and --total-iterations must be at least 1")
+    if not 1 <= args.num_minibatches <= args.num_envs:
+        fail(f"--num-minibatches must be between 1 and --num-envs ({args.num_envs})")
     resume_path = checkpoint_file(args.resume) if args.resume else None
     rank, world, device = setup_distributed()
     try:
@@ -466,13 +474,15 @@ if __name__ == "__main__":
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
         print(f"run {run_name}: {world} rank(s) on {device}, student {args.student}, teacher {args.teacher}, env {args.env}")
 
+    # Environments are made once and reset for every episode (a TextWorld-Express env is a JVM process).
     pool = [envs.make(args.env, seed=args.seed + rank, split="train") for _ in range(args.num_envs)]
+    eval_pool = [envs.make(args.env, seed=args.seed + rank, split="heldout") for _ in range(args.num_envs)]
 
     # The teacher alone, once: the level the student is distilled towards.
     if start_iteration == 0:
         set_rollout_mode([teacher], True)
-        teacher_eval, _ = evaluate(teacher, tokenizer, args, rank, world, device, args.eval_episodes)
-        student_eval, _ = evaluate(student, tokenizer, args, rank, world, device, args.eval_episodes)
+        teacher_eval, _ = evaluate(teacher, tokenizer, args, eval_pool, rank, world, device, args.eval_episodes)
+        student_eval, _ = evaluate(student, tokenizer, args, eval_pool, rank, world, device, args.eval_episodes)
         set_rollout_mode([student, teacher], False)
         if rank == 0:
             for k, v in teacher_eval.items():
@@ -493,7 +503,8 @@ if __name__ == "__main__":
         t0 = time.time()
         seeds = [(iteration * world + rank) * args.num_envs + j for j in range(args.num_envs)]
         set_rollout_mode([student, teacher], True)
-        episodes = rollout(student, teacher, tokenizer, pool, seeds, beta, args, role_rng, gen, args.temperature, device)
+        episodes = rollout(student, teacher, tokenizer, pool, seeds, beta, args, role_rng, gen, args.temperature,
+                           device, args.max_turns or pool[0].max_turns)
         set_rollout_mode([student, teacher], False)
         t_rollout = time.time() - t0
 
@@ -505,41 +516,49 @@ if __name__ == "__main__":
         scores = score_teacher(teacher, batch, batch["loss_mask"], args.micro_batch_tokens, full=need_full)
         t_teacher = time.time() - t0
 
-        # Training step: micro-batches by token budget, the loss normalised by the global token count.
+        # ALGO LOGIC: training. The rollout batch is split into --num-minibatches mini-batches, one optimizer
+        # step each (as verl's PPO mini-batches): a tiny model needs many steps, and rollouts cost the most.
+        # Each mini-batch's loss is the token mean over that mini-batch on all ranks; inside it, micro-batches
+        # of at most --micro-batch-tokens accumulate gradients.
         t0 = time.time()
         n_local = int(batch["loss_mask"].sum())
         n_global = all_sum([n_local], device)[0]
-        groups = micro_batches(episodes, args.micro_batch_tokens)
-        n_max = torch.tensor([len(groups)], device=device)
-        dist.all_reduce(n_max, op=dist.ReduceOp.MAX)
-        n_max = int(n_max.item())
         full_rows = None
         if need_full:  # map each trained position to its row of the teacher's full distributions
             full_rows = torch.full(batch["loss_mask"].shape, -1, dtype=torch.long)
             full_rows[batch["loss_mask"]] = torch.arange(n_local)
-        stats_sum = {}
-        optimizer.zero_grad(set_to_none=True)
-        for j in range(n_max):
-            student.set_requires_gradient_sync(j == n_max - 1)  # reduce gradients once, after the last
-            idx = groups[j] if j < len(groups) else groups[0][:1]  # a rank with fewer micro-batches repeats
-            weight = 1.0 if j < len(groups) else 0.0               # one row with zero weight, to stay in step
-            L = max(len(episodes[i]) for i in idx)
-            mb = {k: batch[k][idx, :L].to(device) for k in ("input_ids", "attention_mask", "loss_mask", "role")}
-            mb["teacher_logp"] = scores.logp[idx, :L].to(device)
-            if need_full:
-                mb["teacher_full"] = scores.full[full_rows[idx, :L][batch["loss_mask"][idx, :L]]].to(device)
-            loss_sum, stats = guided_opd_loss(student, mb, args)
-            # FSDP averages gradients over ranks, so scale by world / n_global to get the global token mean.
-            (loss_sum * weight * world / max(n_global, 1.0)).backward()
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + v * weight
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        skipped = not math.isfinite(grad_norm)
-        if skipped:  # a non-finite loss or gradient: skip the step, keep the weights, log it
+        stats_sum, grad_norms, skipped = {}, [], 0
+        minibatches = [list(range(k, len(episodes), args.num_minibatches)) for k in range(args.num_minibatches)]
+        for rows in minibatches:
+            mb_tokens = all_sum([int(batch["loss_mask"][rows].sum())], device)[0]
+            groups = [[rows[i] for i in g] for g in micro_batches([episodes[r] for r in rows], args.micro_batch_tokens)]
+            n_max = torch.tensor([len(groups)], device=device)
+            dist.all_reduce(n_max, op=dist.ReduceOp.MAX)  # every rank runs as many forward/backward passes
+            n_max = int(n_max.item())
             optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer.step()
+            for j in range(n_max):
+                student.set_requires_gradient_sync(j == n_max - 1)  # reduce gradients once, after the last
+                idx = groups[j] if j < len(groups) else groups[0][:1]  # a rank with fewer micro-batches repeats
+                weight = 1.0 if j < len(groups) else 0.0               # one row with zero weight, to stay in step
+                L = max(len(episodes[i]) for i in idx)
+                mb = {k: batch[k][idx, :L].to(device) for k in ("input_ids", "attention_mask", "loss_mask", "role")}
+                mb["teacher_logp"] = scores.logp[idx, :L].to(device)
+                if need_full:
+                    mb["teacher_full"] = scores.full[full_rows[idx, :L][batch["loss_mask"][idx, :L]]].to(device)
+                loss_sum, stats = guided_opd_loss(student, mb, args)
+                # FSDP averages gradients over ranks: scale by world / tokens for the mini-batch's global token mean.
+                (loss_sum * weight * world / max(mb_tokens, 1.0)).backward()
+                for k, v in stats.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + v * weight
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if math.isfinite(grad_norm):
+                optimizer.step()
+                grad_norms.append(grad_norm)
+            else:  # a non-finite loss or gradient: skip the step, keep the weights, log it
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+        grad_norm = sum(grad_norms) / max(len(grad_norms), 1)
         t_train = time.time() - t0
 
         # Logging: sums over every rank's episodes.
@@ -566,19 +585,19 @@ if __name__ == "__main__":
             writer.add_scalar("losses/ce_loss", tot["ce_loss"] / max(tot["teacher_tokens"], 1), iteration + 1)
             writer.add_scalar("losses/loss", (tot["pg_loss"] + tot["ce_loss"]) / max(n_global, 1), iteration + 1)
             writer.add_scalar("losses/grad_norm", grad_norm, iteration + 1)
-            writer.add_scalar("losses/skipped_step", float(skipped), iteration + 1)
+            writer.add_scalar("losses/skipped_steps", skipped, iteration + 1)
             writer.add_scalar("time/rollout", t_rollout, iteration + 1)
             writer.add_scalar("time/teacher", t_teacher, iteration + 1)
             writer.add_scalar("time/train", t_train, iteration + 1)
             print(f"iter {iteration:4d}  beta {beta:.2f}  success {g[1] / n_ep:.2f}  turns {g[3] / n_ep:5.1f}  "
                   f"rkl {tot['reverse_kl'] / max(tot['student_tokens'], 1):.3f}  "
                   f"loss {(tot['pg_loss'] + tot['ce_loss']) / max(n_global, 1):.4f}  grad {grad_norm:.2f}"
-                  + ("  (non-finite: step skipped)" if skipped else ""), flush=True)
+                  + (f"  ({skipped} non-finite steps skipped)" if skipped else ""), flush=True)
 
         done = iteration + 1
         if done % args.eval_interval == 0 or done == args.total_iterations:
             set_rollout_mode([student], True)
-            ev, eval_eps = evaluate(student, tokenizer, args, rank, world, device, args.eval_episodes)
+            ev, eval_eps = evaluate(student, tokenizer, args, eval_pool, rank, world, device, args.eval_episodes)
             set_rollout_mode([student], False)
             if rank == 0:
                 for k, v in ev.items():
@@ -601,6 +620,6 @@ if __name__ == "__main__":
         tokenizer.save_pretrained(final_dir)
         writer.close()
         print(f"saved the student to {final_dir}")
-    for env in pool:
+    for env in pool + eval_pool:
         env.close()
     dist.destroy_process_group()

@@ -132,6 +132,9 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     device = next(model.parameters()).device
     eot = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    n_real = len(prompts)
+    if n_real == 0:  # this rank has nothing to generate but must join the other ranks' forward passes
+        prompts = [[eot]]
     B = len(prompts)
     P = max(len(p) for p in prompts)
     ids = torch.full((B, P), pad, dtype=torch.long)
@@ -165,7 +168,7 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
         just_done = (~finished) & (nxt == eot)
         lengths = torch.where(just_done, torch.full_like(lengths, t + 1), lengths)
         finished |= just_done
-        all_done = finished.all()
+        all_done = finished.all() if n_real else torch.tensor(True)
         if distributed:  # FSDP: every rank must run the same number of forward passes
             flag = (~all_done).float().reshape(1)
             torch.distributed.all_reduce(flag)
@@ -176,4 +179,4 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
         step_pos = positions[:, -1:] + t + 1
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
     out_tokens, lengths = out_tokens.cpu(), lengths.cpu()
-    return [out_tokens[i, : lengths[i]].tolist() for i in range(B)]
+    return [out_tokens[i, : lengths[i]].tolist() for i in range(n_real)]

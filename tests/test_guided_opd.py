@@ -18,7 +18,7 @@ import guided_opd as g
 from common.episode import STUDENT, TEACHER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = ["--num-envs", "2", "--eval-episodes", "2", "--max-turns", "4", "--max-new-tokens", "8",
+SMOKE = ["--num-envs", "2", "--num-minibatches", "2", "--eval-episodes", "2", "--max-turns", "4", "--max-new-tokens", "8",
          "--eval-interval", "2", "--save-interval", "2"]
 
 
@@ -136,7 +136,7 @@ def test_smoke_run_saves_a_loadable_model(tmp_path):
 def test_torchrun_two_ranks_gives_the_single_process_loss(tmp_path):
     # greedy rollouts of the same 4 seeds: 1 rank x 4 envs, then 2 ranks x 2 envs
     common = ["--max-turns", "3", "--max-new-tokens", "6", "--eval-episodes", "2", "--total-iterations", "1",
-              "--temperature", "0", "--beta-start", "0.0"]
+              "--temperature", "0", "--beta-start", "0.0", "--num-minibatches", "2"]
     run(common + ["--num-envs", "4", "--runs-dir", "one"], tmp_path)
     run(common + ["--num-envs", "2", "--runs-dir", "two"], tmp_path, torchrun=2)
     (one,), (two,) = glob.glob(str(tmp_path / "one" / "*")), glob.glob(str(tmp_path / "two" / "*"))
@@ -171,9 +171,24 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     (["--teacher", "nosuchmodel"], "unknown model"),
     (["--resume", "no/such/run"], "no checkpoint"),
     (["--max-seq-len", "100000"], "lower --max-seq-len"),
+    (["--num-minibatches", "5"], "--num-minibatches must be between 1 and --num-envs"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, expected):
     p = run(SMOKE + args, tmp_path, check=False, timeout=300)
     assert p.returncode != 0
     last = p.stderr.strip().splitlines()[-1]
     assert expected in last and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_teacher_with_another_vocabulary_is_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    from common import tiny
+
+    tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
+    other = tiny_student(vocab=len(tok) + 7)
+    other.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    p = run(SMOKE + ["--teacher", str(tmp_path / "other")], tmp_path, check=False, timeout=300)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and "vocabulary" in last and str(len(tok) + 7) in last, p.stderr[-2000:]
