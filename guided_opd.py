@@ -18,11 +18,13 @@ probability beta, else the student does; either way the turn is executed and bec
 - Curriculum: beta decays from 1 to 0 along a cosine, reaching 0 at 80% of training, then plain OPD.
   Evaluation always uses beta = 0 (the student alone). No environment reward is used for training.
 
-Normalisation: the loss is a sum over all trained tokens of the global batch (every rank's episodes)
-divided by their number. Simplifications and choices the paper leaves open (flags where they matter):
-one optimizer step per iteration on fresh rollouts (strictly on-policy, so no importance ratio), AdamW
-with a constant learning rate by default, the exact full-vocabulary losses as options
-(`--student-loss full`, `--teacher-loss full`) for local teachers.
+Normalisation: each rollout batch is split into --num-minibatches mini-batches, one optimizer step each;
+a mini-batch's loss is the sum over its trained tokens on every rank divided by their number (token
+mean). Choices the paper leaves open (flags where they matter): several mini-batch steps per batch of
+fresh rollouts without an importance ratio (the later steps are slightly off-policy, as in verl's PPO
+mini-batches), AdamW with a constant learning rate by default, the exact full-vocabulary losses as
+options (`--student-loss full`, `--teacher-loss full`) for local teachers. On the embedded tiny default
+this script does not yet lift the student (see the README): treat its defaults as a starting point.
 
 Run:
     python guided_opd.py                                   # embedded tiny default, CPU, minutes
@@ -166,9 +168,14 @@ def lr_at(iteration: int, args: Args) -> float:
 # Distributed helpers: one process works the same as torchrun with one rank
 # ----------------------------------------------------------------------------------------------------
 def setup_distributed() -> tuple[int, int, torch.device]:
-    if "RANK" not in os.environ:  # plain `python guided_opd.py`: a process group of one
+    if "RANK" not in os.environ:  # plain `python guided_opd.py`: a process group of one, on a free port
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 20000))
+        os.environ.setdefault("MASTER_PORT", str(port))
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     local_rank = int(os.environ["LOCAL_RANK"])

@@ -50,5 +50,5 @@ def test_expert_names():
     assert tiny.expert_for("twx:simonsays") == "tiny-expert:simonsays"
     with pytest.raises(ValueError, match="pass --teacher"):
         tiny.expert_for("twx:sorting")
-    with pytest.raises(ValueError, match="tiny-expert"):
+    with pytest.raises(ValueError, match="no tiny expert for game 'chess'"):
         tiny.model_path("tiny-expert:chess")
