@@ -74,7 +74,7 @@ class Args:
     """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny`"""
     teacher: str = "tiny-expert"
     """the teacher (frozen); `tiny-expert` = the tiny expert of --env's game"""
-    env: str = "twx:peckingorder"
+    env: str = "twx:simonsays"
     """environment spec, e.g. twx:coin, scienceworld:boil, alfworld (see envs/)"""
     thinking: bool = False
     """Qwen3 thinking mode in the chat template (the tiny models do not think)"""
@@ -82,8 +82,8 @@ class Args:
     # Rollouts
     num_envs: int = 16
     """episodes played by each rank per iteration (the global batch is num_envs x world size)"""
-    max_turns: int | None = None
-    """turns per episode before it is cut; None = the environment's default"""
+    max_turns: int | None = 12
+    """turns per episode before it is cut (12 suits the tiny default); None = the environment's default"""
     max_new_tokens: int = 24
     """tokens a turn may generate (raise to 512+ for real models, more with --thinking)"""
     max_seq_len: int = 2048
@@ -92,7 +92,7 @@ class Args:
     """sampling temperature of training rollouts (student and teacher turns)"""
 
     # Optimization
-    total_iterations: int = 40
+    total_iterations: int = 100
     """training iterations: one batch of rollouts and one optimizer step each"""
     learning_rate: float = 2e-3
     """AdamW learning rate"""
@@ -112,7 +112,7 @@ class Args:
     """recompute decoder layers in backward to save memory (real models)"""
 
     # Evaluation and checkpoints
-    eval_interval: int = 10
+    eval_interval: int = 20
     """evaluate the student (beta = 0, greedy) every N iterations"""
     eval_episodes: int = 64
     """held-out episodes per evaluation (split over ranks)"""
@@ -132,10 +132,12 @@ class Args:
     """fraction of training over which beta goes from beta_start to beta_end (then stays)"""
     curriculum: Literal["cosine", "linear", "constant"] = "cosine"
     """shape of the beta curriculum (constant keeps beta_start: an ablation)"""
-    student_loss: Literal["sampled", "full"] = "sampled"
-    """student turns: sampled-token reverse KL, or the exact full-vocabulary reverse KL"""
-    teacher_loss: Literal["ce", "full"] = "ce"
-    """teacher turns: cross-entropy on the teacher's tokens, or the exact full-vocabulary forward KL"""
+    student_loss: Literal["sampled", "full"] = "full"
+    """student turns: `sampled` = the paper's sampled-token reverse KL (use it with a 151k vocabulary), or
+    `full` = the exact reverse KL over the vocabulary (the tiny default: the sampled form did not teach it)"""
+    teacher_loss: Literal["ce", "full"] = "full"
+    """teacher turns: `ce` = cross-entropy on the teacher's tokens (the paper's), or `full` = the exact
+    forward KL over the vocabulary (needs the teacher's full distribution at every trained position)"""
 
 
 # ALGO LOGIC: the guidance curriculum

@@ -67,7 +67,7 @@ def micro_batch(role, vocab=50, T=12):
 
 def test_teacher_turn_loss_is_cross_entropy():
     model, mb = tiny_student(), micro_batch(TEACHER)
-    loss_sum, stats = g.guided_opd_loss(model, mb, g.Args())
+    loss_sum, stats = g.guided_opd_loss(model, mb, g.Args(student_loss="sampled", teacher_loss="ce"))
     logits = model(input_ids=mb["input_ids"]).logits[:, :-1]
     target, mask = mb["input_ids"][:, 1:], mb["loss_mask"][:, 1:]
     ce = torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum")
@@ -79,13 +79,13 @@ def test_student_turn_loss_and_full_variants():
     logp = torch.log_softmax(model(input_ids=mb["input_ids"]).logits.float(), -1)
     lp = logp[:, :-1].gather(-1, mb["input_ids"][:, 1:, None]).squeeze(-1)
     mask = mb["loss_mask"][:, 1:]
-    loss_sum, stats = g.guided_opd_loss(model, mb, g.Args())
+    loss_sum, stats = g.guided_opd_loss(model, mb, g.Args(student_loss="sampled", teacher_loss="ce"))
     ref = (-(mb["teacher_logp"][:, 1:] - lp).detach() * lp)[mask].sum()
     assert torch.allclose(loss_sum, ref, atol=1e-4)
     assert stats["reverse_kl"] == pytest.approx((lp - mb["teacher_logp"][:, 1:])[mask].sum().item(), abs=1e-3)
     # the exact variant: teacher == student distribution gives zero loss
     mb["teacher_full"] = logp[:, :-1][mask].detach()
-    loss_full, _ = g.guided_opd_loss(model, mb, g.Args(student_loss="full"))
+    loss_full, _ = g.guided_opd_loss(model, mb, g.Args(student_loss="full", teacher_loss="ce"))
     assert abs(loss_full.item()) < 1e-4
 
 
