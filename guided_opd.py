@@ -23,14 +23,16 @@ a mini-batch's loss is the sum over its trained tokens on every rank divided by 
 mean). Choices the paper leaves open (flags where they matter): several mini-batch steps per batch of
 fresh rollouts without an importance ratio (the later steps are slightly off-policy, as in verl's PPO
 mini-batches), AdamW with a constant learning rate by default, the exact full-vocabulary losses as
-options (`--student-loss full`, `--teacher-loss full`) for local teachers. On the embedded tiny default
-this script does not yet lift the student (see the README): treat its defaults as a starting point.
+options (`--student-loss full`, `--teacher-loss full`) for local teachers; they are the defaults of the
+embedded tiny default, where the sampled forms did not teach the student (README). With a 151k
+vocabulary use the paper's sampled forms: `--student-loss sampled --teacher-loss ce`.
 
 Run:
     python guided_opd.py                                   # embedded tiny default, CPU, minutes
     python guided_opd.py --beta-start 0                    # vanilla OPD, the baseline
     torchrun --nproc_per_node 8 guided_opd.py --student qwen3-1.7b --teacher qwen3-30b-a3b \\
-        --env alfworld --max-new-tokens 512 --max-seq-len 16384 --learning-rate 1e-6
+        --env alfworld --max-turns 50 --max-new-tokens 512 --max-seq-len 16384 --learning-rate 1e-6 \\
+        --student-loss sampled --teacher-loss ce
 """
 
 from __future__ import annotations
