@@ -12,6 +12,8 @@ training never sees); `dev` and `test` are the environment's own evaluation fold
 
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import os
 import random
@@ -45,7 +47,7 @@ def parse_action(reply: str, max_chars: int = 200, ascii_only: bool = True) -> s
     return action
 
 
-class TextEnv:
+class TextEnv(abc.ABC):
     """A multi-turn text environment with the interface the four scripts use.
 
     Subclasses implement `_reset(seed) -> (observation, info)`, `_step(action) -> (observation, reward,
@@ -86,8 +88,17 @@ class TextEnv:
         self._last_info = info
         return obs, float(reward), bool(done), info
 
+    @abc.abstractmethod
     def system_prompt(self) -> str:
-        raise NotImplementedError
+        """The task description and the action format, for the first prompt."""
+
+    @abc.abstractmethod
+    def _reset(self, seed: int) -> tuple[str, dict]:
+        """Start the game of `seed` in this split: (first observation, info)."""
+
+    @abc.abstractmethod
+    def _step(self, action: str) -> tuple[str, float, bool, dict]:
+        """Play a parsed action: (observation, reward, done, info)."""
 
     def oracle_actions(self) -> list[str] | None:
         """The expert's actions from the current state (take the first, step, ask again), or None

@@ -27,6 +27,8 @@ shuffles uniformly, so half its boards have no solution).
 
 from __future__ import annotations
 
+import abc
+
 import itertools
 import logging
 import re
@@ -123,7 +125,22 @@ class GEMEnv(TextEnv):
 # `plan(env)`: the moves from the current position (possibly just the next one), or None.
 # They read only what the game shows the player (board, feedback text, the game's stated parameters).
 # --------------------------------------------------------------------------------------------------
-class _Solver:
+class _Solver(abc.ABC):
+    def reset(self, env):
+        pass
+
+    def observe(self, move, feedback, env):
+        pass
+
+    @abc.abstractmethod
+    def plan(self, env):
+        ...
+
+
+class _SearchSolver(_Solver):
+    """A solver that searches from a position (`_solve`) and follows the found plan while the position
+    (`_key`) moves along it, searching again when it does not."""
+
     def reset(self, env):
         self._cached: tuple | None = None  # (position, plan) of the last search, advanced as it is followed
 
@@ -138,11 +155,13 @@ class _Solver:
         plan = self._cached[1]
         return list(plan) if plan else None
 
+    @abc.abstractmethod
     def _key(self, env):
-        raise NotImplementedError
+        """A hashable description of the current position."""
 
+    @abc.abstractmethod
     def _solve(self, env):
-        raise NotImplementedError
+        """The moves that solve the game from the current position, or None."""
 
 
 class _GuessTheNumber(_Solver):
@@ -186,7 +205,7 @@ def _pegs(guess, code) -> tuple[int, int]:
     return black, common - black
 
 
-class _TowerOfHanoi(_Solver):
+class _TowerOfHanoi(_SearchSolver):
     def _key(self, env):
         return tuple(tuple(env.board[t]) for t in "ABC")
 
@@ -213,7 +232,7 @@ class _TowerOfHanoi(_Solver):
 _DIRS = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 
 
-class _Sokoban(_Solver):
+class _Sokoban(_SearchSolver):
     max_nodes = 300_000
 
     def _key(self, env):
@@ -269,7 +288,7 @@ class _Sokoban(_Solver):
 _GAP_MOVES = {"up": (1, 0), "down": (-1, 0), "left": (0, 1), "right": (0, -1)}
 
 
-class _FifteenPuzzle(_Solver):
+class _FifteenPuzzle(_SearchSolver):
     max_nodes = 100_000  # Python IDA* on 4x4 boards: a few seconds; no plan beyond that
 
     def _key(self, env):
@@ -367,7 +386,7 @@ def _ida_puzzle(start, goal, n, max_depth, max_nodes):
     return None
 
 
-class _Sudoku(_Solver):
+class _Sudoku(_SearchSolver):
     def _key(self, env):
         return tuple(x for row in env.board for x in row)
 
