@@ -120,38 +120,87 @@ def collate(episodes: list[Episode], pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
+class TurnCache:
+    """One model's key/value cache for one episode, kept between turns.
+
+    An episode only grows (section 3), so the keys and values computed for its first `n` tokens stay
+    valid for the rest of the episode: the next turn only has to run the tokens appended since (the
+    last reply and the observation) instead of the whole prompt again. Without it every turn
+    re-reads the whole conversation, which costs O(turns^2) and dominated rollout time on multi-turn
+    episodes. Stored compact (no padding), one (keys, values) pair per layer, [1, kv_heads, n, head_dim].
+    Use one per (model, episode): a teacher and a student that take turns on an episode each keep their
+    own, and each catches up on the tokens the other wrote."""
+
+    def __init__(self):
+        self.n = 0  # how many tokens of the episode are in the cache
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def _batched_cache(model, caches: list[TurnCache], width: int):
+    """The episodes' caches left-padded to `width` positions, as a transformers DynamicCache."""
+    from transformers import DynamicCache
+
+    past = DynamicCache(config=model.config)
+    ref = next(c for c in caches if c.n)  # episodes seen for the first time have empty caches
+    for layer in range(len(ref.layers)):
+        keys, values = [], []
+        for c in caches:
+            k, v = c.layers[layer] if c.n else (ref.layers[layer][0][:, :, :0], ref.layers[layer][1][:, :, :0])
+            pad = width - k.shape[2]
+            keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+            values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+        past.update(torch.cat(keys), torch.cat(values), layer)
+    return past
+
+
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                     top_p: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
+                     top_p: float = 1.0, generator: torch.Generator | None = None,
+                     caches: list[TurnCache] | None = None) -> list[list[int]]:
     """Sample one turn for each prompt (a list of token ids), batched with left padding.
 
     Returns each reply's new tokens up to and including the first `<|im_end|>` (or `max_new_tokens`
     tokens if it never came). temperature 0 = greedy. A small, explicit decoding loop with a plain
     key/value cache: on long multi-turn prompts it is several times faster here than `generate`'s
-    default cache machinery, and every rank runs the same number of steps (FSDP needs that)."""
+    default cache machinery, and every rank runs the same number of steps (FSDP needs that).
+
+    With `caches` (one TurnCache per prompt, for this model), each prompt must extend the sequence its
+    cache has seen; only the new tokens are run, and the caches are updated in place. Padding holes
+    inside the batch are masked out and every real token gets its position in its own episode
+    (explicit `position_ids`), so the result equals a run without caches up to float rounding."""
     device = next(model.parameters()).device
     eot = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
     n_real = len(prompts)
     if n_real == 0:  # this rank has nothing to generate but must join the other ranks' forward passes
-        prompts = [[eot]]
+        prompts, caches = [[eot]], None
     B = len(prompts)
-    P = max(len(p) for p in prompts)
-    ids = torch.full((B, P), pad, dtype=torch.long)
-    mask = torch.zeros((B, P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cached = [c.n for c in caches] if caches is not None else [0] * B
+    for p, n in zip(prompts, cached):
+        if n >= len(p):
+            raise ValueError(f"a prompt of {len(p)} tokens does not extend its cache of {n} tokens")
+    new = [p[n:] for p, n in zip(prompts, cached)]
+    C, S = max(cached), max(len(x) for x in new)
+    ids = torch.full((B, S), pad, dtype=torch.long)
+    mask = torch.zeros((B, C + S), dtype=torch.long)
+    positions = torch.zeros((B, S), dtype=torch.long)
+    for i, (x, n) in enumerate(zip(new, cached)):
+        ids[i, S - len(x):] = torch.tensor(x)
+        mask[i, C - n:C] = 1
+        mask[i, C + S - len(x):] = 1
+        positions[i, S - len(x):] = torch.arange(n, n + len(x))
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    past = _batched_cache(model, caches, C) if C > 0 else None
+    next_pos = torch.tensor([len(p) for p in prompts], device=device)  # each episode's next position
     out_tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
-    past, step_ids, step_pos = None, ids, positions
+    step_ids, step_pos = ids, positions
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     for t in range(max_new_tokens):
+        # logits_to_keep=1: only the last position's logits (a 151k vocab over a whole prompt is huge)
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                    use_cache=True)
+                    use_cache=True, logits_to_keep=1)
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()
         if temperature <= 0:
@@ -165,6 +214,7 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         out_tokens[:, t] = nxt
+        in_reply = ~finished  # this token belongs to the reply (the closing <|im_end|> included)
         just_done = (~finished) & (nxt == eot)
         lengths = torch.where(just_done, torch.full_like(lengths, t + 1), lengths)
         finished |= just_done
@@ -173,10 +223,18 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
             flag = (~all_done).float().reshape(1)
             torch.distributed.all_reduce(flag)
             all_done = flag.item() == 0
-        if all_done:
+        if all_done or t + 1 == max_new_tokens:
             break
         step_ids = nxt[:, None]
-        step_pos = positions[:, -1:] + t + 1
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        step_pos = (next_pos + t)[:, None]
+        # tokens after a reply's end are padding: masked, so they never enter an episode's cache
+        mask = torch.cat([mask, in_reply.long()[:, None]], dim=1)
+    if caches is not None:  # keep each episode's real tokens, without the batch's padding
+        real = mask.bool()
+        for i, c in enumerate(caches):
+            keep = real[i].nonzero().squeeze(-1)
+            c.layers = [(layer.keys[i:i + 1, :, keep], layer.values[i:i + 1, :, keep])
+                        for layer in past.layers]
+            c.n = int(keep.numel())
     out_tokens, lengths = out_tokens.cpu(), lengths.cpu()
     return [out_tokens[i, : lengths[i]].tolist() for i in range(n_real)]
