@@ -52,7 +52,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import envs
 from common import tiny
-from common.episode import ENV, STUDENT, TEACHER, Episode, collate, end_of_turn_id, generate_replies
+from common.episode import ENV, STUDENT, TEACHER, Episode, TurnCache, collate, end_of_turn_id, generate_replies
 from common.teacher import ModelError, check_vocab, load_model, score_teacher, token_logprobs
 
 
@@ -73,7 +73,8 @@ class Args:
 
     # Models and environment
     student: str = "tiny"
-    """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny`"""
+    """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` (the tiny
+    student that shares a tokenizer with --env's tiny expert)"""
     teacher: str = "tiny-expert"
     """the teacher (frozen); `tiny-expert` = the tiny expert of --env's game"""
     env: str = "twx:simonsays"
@@ -92,6 +93,9 @@ class Args:
     """tokens an episode may hold; a turn that would not fit ends the episode as truncated"""
     temperature: float = 1.0
     """sampling temperature of training rollouts (student and teacher turns)"""
+    cache_turns: bool = True
+    """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster;
+    the memory grows with episodes x tokens; turn off if rollouts run out of memory)"""
 
     # Optimization
     total_iterations: int = 100
@@ -237,6 +241,8 @@ def rollout(student, teacher, tokenizer, pool, seeds, beta, args: Args, role_rng
         obs, info = env.reset(seed)
         episodes.append(Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=info["task"], seed=seed))
     active = [i for i, e in enumerate(episodes) if not _truncate_if_full(e, args)]
+    # each model keeps its own cache per episode and catches up on the turns the other one wrote
+    caches = {role: [TurnCache() for _ in episodes] for role in (STUDENT, TEACHER)}
     for _ in range(max_turns):
         # every rank must run the same generate calls (FSDP): stop only when all ranks are done
         if all_sum([len(active)], device)[0] == 0:
@@ -248,7 +254,8 @@ def rollout(student, teacher, tokenizer, pool, seeds, beta, args: Args, role_rng
             if all_sum([len(who)], device)[0] == 0:
                 continue
             outs = generate_replies(model, tokenizer, [episodes[i].ids for i in who], args.max_new_tokens,
-                                    temperature, generator=gen)
+                                    temperature, generator=gen,
+                                    caches=[caches[role][i] for i in who] if args.cache_turns else None)
             replies.update(zip(who, outs))
         still = []
         for i in active:
@@ -262,10 +269,12 @@ def rollout(student, teacher, tokenizer, pool, seeds, beta, args: Args, role_rng
             ep.invalid_turns += int(info["invalid"])
             if done:
                 ep.done = True
-                continue
-            ep.append_observation(tokenizer, obs, args.thinking)
-            if not _truncate_if_full(ep, args):
-                still.append(i)
+            else:
+                ep.append_observation(tokenizer, obs, args.thinking)
+                if not _truncate_if_full(ep, args):
+                    still.append(i)
+                    continue
+            caches[STUDENT][i] = caches[TEACHER][i] = None  # the episode is over: free its caches
         active = still
     return episodes
 
@@ -440,6 +449,8 @@ if __name__ == "__main__":
             args.teacher = tiny.expert_for(args.env)
         except ValueError as e:
             fail(str(e))
+    if args.student == "tiny":
+        args.student = tiny.student_for(args.env)
 
     # Seeding: each rank gets its own stream (rank offset), the run is reproducible from --seed.
     random.seed(args.seed + rank)

@@ -29,7 +29,7 @@ ALIASES = {
     "qwen3-32b": "Qwen/Qwen3-32B",
     "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
 }
-KNOWN = ", ".join([*ALIASES, "tiny", "tiny-expert:<game>"])
+KNOWN = ", ".join([*ALIASES, "tiny", "tiny:<suite>", "tiny-expert:<game>"])
 
 
 class ModelError(RuntimeError):
@@ -44,7 +44,7 @@ def resolve(name: str) -> str:
     """Alias, tiny model, local path or hub id -> something `from_pretrained` accepts."""
     if name in ALIASES:
         return ALIASES[name]
-    if name == "tiny" or name.startswith("tiny-expert"):
+    if name == "tiny" or name.startswith(("tiny:", "tiny-expert")):
         from common import tiny  # lazy: building the tiny models needs the environments
 
         return tiny.model_path(name)

@@ -133,6 +133,13 @@ def test_smoke_run_saves_a_loadable_model(tmp_path):
     assert scalars(run_dir, "teacher/success_rate")
 
 
+def test_env_of_another_suite_picks_that_suites_tiny_models(tmp_path):
+    """--env gem:... with the default --student tiny --teacher tiny-expert: the GEM suite's student and
+    expert, which share their own tokenizer."""
+    out = run(SMOKE + ["--total-iterations", "1", "--env", "gem:guessthenumber:hard", "--no-cache-turns"], tmp_path)
+    assert "student tiny:gem, teacher tiny-expert:guessthenumber" in out.stdout
+
+
 def test_torchrun_two_ranks_gives_the_single_process_loss(tmp_path):
     # greedy rollouts of the same 4 seeds: 1 rank x 4 envs, then 2 ranks x 2 envs
     common = ["--max-turns", "3", "--max-new-tokens", "6", "--eval-episodes", "2", "--total-iterations", "1",

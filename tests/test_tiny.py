@@ -45,10 +45,29 @@ def test_recipe_change_means_a_new_folder():
     assert tiny.build_dir(tiny.SMOKE) != tiny.build_dir(dataclasses.replace(tiny.SMOKE, seed=1))
 
 
-def test_expert_names():
+def test_expert_and_student_names():
     assert tiny.expert_for("twx:coin:numLocations=4,includeDoors=0") == "tiny-expert:coin"
     assert tiny.expert_for("twx:simonsays") == "tiny-expert:simonsays"
+    assert tiny.expert_for("gem:guessthenumber:hard") == "tiny-expert:guessthenumber"
+    assert tiny.student_for("twx:simonsays") == tiny.student_for("twx:sorting") == "tiny"
+    assert tiny.student_for("gem:guessthenumber:hard") == "tiny:gem"
     with pytest.raises(ValueError, match="pass --teacher"):
         tiny.expert_for("twx:sorting")
     with pytest.raises(ValueError, match="no tiny expert for game 'chess'"):
         tiny.model_path("tiny-expert:chess")
+    with pytest.raises(ValueError, match="unknown tiny suite 'chess'"):
+        tiny.model_path("tiny:chess")
+
+
+@pytest.mark.parametrize("suite", ["gem", "scienceworld"])
+def test_any_env_with_an_oracle_gets_a_suite(suite):
+    """GEM and ScienceWorld list no valid actions: the student's random play draws from the oracle's
+    actions. Each suite has its own tokenizer, shared by its experts and its student."""
+    r = tiny.recipe(suite)
+    table = tiny.build(r, verbose=False)
+    game, spec = r.games[0][:2]
+    assert set(table) == {game} and set(table[game]) == {"teacher", "student"}
+    student, tok = load_model(tiny.student_for(spec))
+    teacher, teacher_tok = load_model(tiny.expert_for(spec))
+    assert tok.get_vocab() == teacher_tok.get_vocab()
+    assert tok.get_vocab() != load_model("tiny")[1].get_vocab()  # not the default suite's tokenizer
