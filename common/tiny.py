@@ -129,7 +129,8 @@ SUITES = {
                            games=(("find-non-living-thing", "scienceworld:find-non-living-thing:simplifications=easy",
                                    1500, 1e-3),),
                            expert_episodes=100, student_episodes=60, tokenizer_episodes=10, max_turns=15,
-                           eval_episodes=30, eval_batch=10, val_episodes=20, val_split="train", val_first_seed=100),
+                           eval_episodes=30, eval_batch=10, val_episodes=20, val_split="train", val_first_seed=100,
+                           expert_attempts=1),
 }
 FULL = SUITES["twx"]
 
