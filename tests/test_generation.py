@@ -4,7 +4,10 @@ cut at max_new_tokens."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import torch
 from transformers import AutoTokenizer
@@ -77,3 +80,12 @@ def test_prompt_that_does_not_extend_its_cache_is_refused():
         assert "does not extend its cache" in str(e)
     else:
         raise AssertionError("a shorter prompt was accepted")
+
+
+def test_benchmark_prints_both_runs():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmark", "generation.py"), "--episodes", "2",
+                          "--turns", "2", "--temperature", "0"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "caches off" in out.stdout and "caches on" in out.stdout
+    assert "identical replies with and without caches: 4 of 4" in out.stdout
