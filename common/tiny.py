@@ -93,7 +93,8 @@ class Recipe:
     vocab_size: int = 1536
     games: tuple = GAMES
     left_out: tuple = ()  # (game, spec, why): measured and left out; their text still trains the tokenizer
-    tokenizer_episodes: int = 40  # episodes per game and policy whose text trains the tokenizer
+    tokenizer_episodes: int = 40  # episodes per game and policy whose text trains the tokenizer (and oracle
+    # episodes whose actions the student's random policy draws from where the env lists no valid actions)
     expert: ModelShape = ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, mlp=384)
     student: ModelShape = ModelShape(hidden=96, layers=3, heads=4, kv_heads=2, mlp=288)
     expert_episodes: int = 800  # expert trajectories per game (train-split seeds)
@@ -137,11 +138,13 @@ FULL = SUITES["twx"]
 
 def smoke(r: Recipe) -> Recipe:
     """The seconds-long version of a recipe: same games and code path, untrained models (for tests)."""
+    expert_episodes = 8  # validation seeds of the train split come right after the training seeds
     return dataclasses.replace(
         r, expert=ModelShape(32, 1, 2, 1, 64), student=ModelShape(32, 1, 2, 1, 64), vocab_size=600,
         games=tuple((g, spec, 2, lr) for g, spec, _, lr in r.games), left_out=(), tokenizer_episodes=4,
-        expert_episodes=8, student_episodes=4, student_steps=2, eval_episodes=4, val_episodes=2, val_every=1,
-        val_first_seed=r.val_first_seed if r.val_split != "train" else 8, max_turns=6, expert_attempts=1)
+        expert_episodes=expert_episodes, student_episodes=4, student_steps=2, eval_episodes=4, val_episodes=2,
+        val_every=1, val_first_seed=r.val_first_seed if r.val_split != "train" else expert_episodes, max_turns=6,
+        expert_attempts=1)
 
 
 SMOKE = smoke(FULL)
@@ -257,6 +260,11 @@ def play(spec: str, seeds, policy: str, max_turns: int, rng: random.Random, spli
     return out
 
 
+def action_pool(trajectories) -> list[str]:
+    """The actions an oracle took: what a random policy picks from where the env lists no valid actions."""
+    return sorted({a for t in trajectories for a in t.actions})
+
+
 def reply_text(action: str) -> str:
     return f"<action>{action}</action>"
 
@@ -325,7 +333,7 @@ def build_tokenizer(r: Recipe, path: str):
         # twc's gold path is not reproducible (TextWorld-Express gives other rooms on a replay of the same
         # seed), so its text comes from random play only: the tokenizer must be the same on every build
         oracle = play(spec, range(r.tokenizer_episodes), "oracle", 15, rng) if not spec.startswith("twx:twc") else []
-        pool = sorted({a for t in oracle for a in t.actions})
+        pool = action_pool(oracle)
         for traj in oracle + play(spec, range(r.tokenizer_episodes), "random", 15, rng, actions=pool):
             texts.append(traj.system)
             texts += traj.observations
@@ -553,7 +561,7 @@ def build(r: Recipe | None = None, verbose: bool = True) -> dict:
         rng = random.Random(r.seed + 100)
         episodes = []
         for game, spec, _, _ in r.games:  # the actions the oracle uses, for envs that list no valid actions
-            pool = sorted({a for t in play(spec, range(r.tokenizer_episodes), "oracle", r.max_turns, rng) for a in t.actions})
+            pool = action_pool(play(spec, range(r.tokenizer_episodes), "oracle", r.max_turns, rng))
             episodes += [render(tokenizer, t)
                          for t in play(spec, range(r.student_episodes), "random", r.max_turns, rng, actions=pool)]
         model = new_model(r.student, len(tokenizer), r.seed + 100)
