@@ -18,6 +18,7 @@ FAMILIES = {
     "alfworld": "envs.alfworld",
     "webshop": "envs.webshop",
     "gem": "envs.gem",
+    "tau2": "envs.tau2",
 }
 
 
