@@ -1,13 +1,16 @@
-"""Environment registry: `envs.make("twx:coin", seed=0)` returns a `TextEnv` (see envs/base.py).
+"""Environment registry: `envs.make("twx:coin", seed=0)` returns a `TextEnv` (see envs/base.py), and
+`envs.check(env)` runs one through the contract every wrapper keeps (see envs/checker.py).
 
 A spec is `family[:name][:params]`. Each family lives in its own module (imported only when used, so
 optional packages stay optional) that defines `NAMES` (the valid names, empty when the family takes
-none) and `make_env(name, params, split, seed) -> TextEnv`.
+none) and `make_env(name, params, split, seed, **kwargs) -> TextEnv` (keyword arguments only where the
+family takes some).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from envs.base import SPLITS, EnvError, TextEnv, parse_action
 
@@ -20,6 +23,15 @@ FAMILIES = {
     "gem": "envs.gem",
     "tau2": "envs.tau2",
 }
+
+
+def __getattr__(name: str):
+    # `envs.check` is envs/checker.py's, imported on first use (so `python -m envs.checker` runs it afresh)
+    if name == "check":
+        from envs.checker import check
+
+        return check
+    raise AttributeError(f"module 'envs' has no attribute {name!r}")
 
 
 def _module(family: str):
@@ -35,8 +47,10 @@ def known_specs() -> list[str]:
     return specs
 
 
-def make(spec: str, seed: int = 0, split: str = "train") -> TextEnv:
-    """Build the environment named by `spec`; `seed` makes its internal randomness reproducible."""
+def make(spec: str, seed: int = 0, split: str = "train", **kwargs) -> TextEnv:
+    """Build the environment named by `spec`. `seed` seeds the wrapper's own random draws (which game
+    `reset(seed)` plays does not depend on it; envs/base.py says what does); `kwargs` go to the family's
+    `make_env` (e.g. a conversational env's simulated user)."""
     family, _, rest = spec.partition(":")
     name, _, params = rest.partition(":")
     if family not in FAMILIES:
@@ -45,7 +59,11 @@ def make(spec: str, seed: int = 0, split: str = "train") -> TextEnv:
     names = getattr(module, "NAMES", ())
     if names and name not in names:
         raise EnvError(f"unknown env {spec!r}; known: {', '.join(f'{family}:{n}' for n in names)}")
-    return module.make_env(name, params, split, int(seed))
+    try:
+        inspect.signature(module.make_env).bind(name, params, split, int(seed), **kwargs)
+    except TypeError:
+        raise EnvError(f"{family} takes no keyword argument(s) {', '.join(sorted(kwargs))}") from None
+    return module.make_env(name, params, split, int(seed), **kwargs)
 
 
-__all__ = ["make", "known_specs", "TextEnv", "EnvError", "parse_action", "SPLITS", "FAMILIES"]
+__all__ = ["make", "check", "known_specs", "TextEnv", "EnvError", "parse_action", "SPLITS", "FAMILIES"]

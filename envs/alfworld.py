@@ -16,7 +16,9 @@ and text grammar, the receptacle and object lists of the AI2-THOR floor plans, t
 and the goal templates. A room of the task's type (a kitchen for clean/heat/cool) gets its real
 receptacles, the target object(s) and a few other objects placed where they can be, and the task's goal.
 Splits: train / heldout / dev are disjoint seed ranges over the training floor plans, test uses the
-floor plans ALFRED holds out.
+floor plans ALFRED holds out. The room, its objects and the task follow from the reset seed; the make seed
+(`envs.make(..., seed=)`) picks the wording of the task among the grammar's phrasings, and the expert's
+random choices when it breaks a loop.
 
 Actions are the game's commands (`go to fridge 1`, `take apple 1 from countertop 2`,
 `move apple 1 to fridge 1`, `heat apple 1 with microwave 1`, `use desklamp 1`, ...); the admissible ones
@@ -49,24 +51,24 @@ class ALFWorldEnv(TextEnv):
     max_turns = 50
     max_action_chars = 300
 
-    def __init__(self, task: str = "", source: str = "", split: str = "train"):
-        super().__init__(split)
+    def __init__(self, task: str = "", source: str = "", split: str = "train", seed: int = 0):
+        super().__init__(split, seed)
         if task not in ("", "all", *TASK_TYPES):
             raise EnvError(f"unknown ALFWorld task {task!r}; use one of all, {', '.join(TASK_TYPES)}")
         if source not in ("", "generated"):
             raise EnvError(f"unknown ALFWorld option {source!r}; the only one is `generated` (alfworld:all:generated)")
         try:
-            import textworld
-            from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
-            from alfworld.agents.expert import HandCodedTWAgent
-            from textworld.envs import PddlEnv
+            with private_random(self._rng_state):  # importing TextWorld seeds NumPy's global generator
+                import textworld
+                from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
+                from alfworld.agents.expert import HandCodedTWAgent
+                from textworld.envs import PddlEnv
         except ImportError:
             raise EnvError("alfworld is missing: run `pip install -r requirements-envs.txt`") from None
         self._expert_class = HandCodedTWAgent
         self.task_types = [TASK_TYPES[task]] if task in TASK_TYPES else list(TASK_TYPES.values())
         self.task = "alfworld"
         self.generated = source == "generated"
-        self._rng_state: list = [None]
         if self.generated:
             self._workdir = tempfile.mkdtemp(prefix="alfworld-generated-")
             self.games: list[str] = []
@@ -319,4 +321,4 @@ def _write_generated_game(workdir: str, seed: int, task_types: list, unseen_room
 
 
 def make_env(name: str, params: str, split: str, seed: int) -> ALFWorldEnv:
-    return ALFWorldEnv(name, params, split)
+    return ALFWorldEnv(name, params, split, seed)

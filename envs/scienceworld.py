@@ -34,8 +34,8 @@ class ScienceWorldEnv(TextEnv):
     max_turns = 30
     timeout_s = 120.0  # a Java call that takes longer is a hung simulator (loading a task takes ~3 s)
 
-    def __init__(self, task_name: str, params: str = "", split: str = "train"):
-        super().__init__(split)
+    def __init__(self, task_name: str, params: str = "", split: str = "train", seed: int = 0):
+        super().__init__(split, seed)
         try:
             from scienceworld import ScienceWorldEnv as _Simulator
         except ImportError:
@@ -146,4 +146,4 @@ class ScienceWorldEnv(TextEnv):
 
 
 def make_env(name: str, params: str, split: str, seed: int) -> ScienceWorldEnv:
-    return ScienceWorldEnv(name, params, split)
+    return ScienceWorldEnv(name, params, split, seed)

@@ -29,7 +29,7 @@ class TWXEnv(TextEnv):
     max_turns = 30
 
     def __init__(self, game: str, params: str = "", split: str = "train", seed: int = 0):
-        super().__init__(split)
+        super().__init__(split, seed)
         try:
             from textworld_express import TextWorldExpressEnv
         except ImportError:

