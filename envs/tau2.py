@@ -194,6 +194,9 @@ class Domain:
         """Run a well-formed tool call on `db`: (tool message content, whether the tool refused), as
         tau^2-bench's environment reports it (`Error: ...` when the tool raised)."""
         fn = self.functions[name]
+        if name == "calculate" and "**" in args["expression"]:
+            # the tool evaluates the expression with Python: a power such as 9**9**9 would run for hours
+            return "Error: Invalid expression: use numbers, + - * / and parentheses", True
         try:
             result = fn(db, **args) if self.takes_db[name] else fn(**args)
         except Exception as e:  # a refusal of the domain (ValueError) or a value the tool could not use
