@@ -20,7 +20,8 @@ A malformed call (not JSON, unknown tool, missing or unexpected arguments, a wro
 nothing runs and the observation says what was wrong. A tool that refuses (an unknown reservation, a
 non-pending order) answers `Error: ...` as in tau^2-bench, and the 10th refusal ends the conversation with
 reward 0 (tau^2-bench's max_errors). tau^2-bench would count malformed calls there too; here they are invalid
-turns, which never end an episode (the TextEnv contract), so only the turn limit bounds them.
+turns, which never end an episode (the TextEnv contract), so only the turn limit bounds them. One change to the
+tools: `calculate` refuses `**` (it evaluates the expression with Python; no task uses powers).
 
 The customer is a callable `user(messages) -> str`, passed in by the script (common/user.py has one backed by
 a model): it gets the conversation from the customer's side as chat messages (system: tau^2-bench-style
@@ -319,8 +320,8 @@ class Tau2Env(TextEnv):
     max_action_chars = 8000  # a booking with several passengers, or a long message to the user
     ascii_only = False  # the agent speaks to the user in free text
 
-    def __init__(self, name: str, split: str = "train", user=None):
-        super().__init__(split)
+    def __init__(self, name: str, split: str = "train", user=None, seed: int = 0):
+        super().__init__(split, seed)  # nothing here draws random numbers; a model user has its own seed
         self.domain = domain(name)
         self.task = f"tau2:{name}"
         self.task_ids = self.domain.task_ids(split)
@@ -448,4 +449,4 @@ class Tau2Env(TextEnv):
 
 def make_env(name: str, params: str, split: str, seed: int, user=None) -> Tau2Env:
     parse_params(params, {}, f"tau2:{name}:{params}")  # tau2 takes no parameters: a one-line error for any
-    return Tau2Env(name, split, user=user)
+    return Tau2Env(name, split, user=user, seed=seed)

@@ -224,7 +224,7 @@ def test_user_sees_the_scenario_and_the_conversation_from_its_side():
         seen.append(messages)
         return "I want to cancel EHGLP3." if len(messages) == 2 else "No thanks, bye. ###STOP###"
 
-    env = Tau2Env("airline", "train", user=user)
+    env = envs.make("tau2:airline", user=user)
     obs, info = at_task(env, "0")
     assert obs == "User: I want to cancel EHGLP3."
     system, greeting = seen[0]
