@@ -1,38 +1,40 @@
 """Guided on-policy distillation (Guided-OPD) for multi-turn LLM agents.
 
-Paper: "Guided On-Policy Distillation for LLM Agents", arXiv 2606.15912.
+Paper: "On-Policy Distillation with Curriculum Turn-level Guidance for Multi-turn Agents", arXiv 2606.15912.
 
 Plain on-policy distillation (OPD) lets the student play whole episodes and trains every student token
-towards the teacher (sampled-token reverse KL). In multi-turn tasks a weak student's early mistakes
-compound: its trajectories drift to states where the teacher's signal is unreliable. Guided-OPD lets the
-teacher write some turns: at every turn, independently, the teacher writes the whole turn with
-probability beta, else the student does; either way the turn is executed and becomes shared history.
+towards the teacher. In multi-turn tasks a weak student's early mistakes compound: its trajectories drift
+to states where the teacher's signal is unreliable. Guided-OPD lets the teacher write some turns: at every
+turn, independently, the teacher writes the whole turn with probability beta, else the student does;
+either way the turn is executed and becomes shared history.
 
 - Student turns: sampled-token reverse KL as a per-token advantage,
-  A_t = stopgrad(log pi_t(y_t) - log pi_s(y_t)), loss_t = -A_t log pi_s(y_t)  (its expected gradient
-  under the student's own samples is the gradient of KL(pi_s || pi_t)).
+  A_t = stopgrad(log pi_t(y_t) - log pi_s(y_t)), loss_t = -A_t log pi_s(y_t) (its expected gradient under
+  the student's own samples is the gradient of KL(pi_s || pi_t)).
 - Teacher turns: forward KL on the teacher's sampled tokens = cross-entropy, loss_t = -log pi_s(y_t).
-- The paper writes L = (1 - beta) J_rKL + beta J_fKL. Here both terms are token means over the same
-  global batch, so each role's weight is its share of the batch's tokens, which is (1 - beta) : beta in
-  expectation. We read the paper's weights as exactly that (no extra factor); the paper does not say.
+- The paper's L = (1 - beta) J_rKL + beta J_fKL: by default (`--role-weighting tokens`) both terms are token
+  means over one batch, so each role weighs its share of the tokens, (1 - beta) : beta in expectation when
+  both roles write turns of the same length; `--role-weighting beta` takes a token mean per role and weighs
+  the two means by (1 - beta) and beta exactly. The paper does not say which.
 - Curriculum: beta decays from 1 to 0 along a cosine, reaching 0 at 80% of training, then plain OPD.
   Evaluation always uses beta = 0 (the student alone). No environment reward is used for training.
 
-Normalisation: each rollout batch is split into --num-minibatches mini-batches, one optimizer step each;
-a mini-batch's loss is the sum over its trained tokens on every rank divided by their number (token
-mean). Choices the paper leaves open (flags where they matter): several mini-batch steps per batch of
-fresh rollouts without an importance ratio (the later steps are slightly off-policy, as in verl's PPO
-mini-batches), AdamW with a constant learning rate by default, the exact full-vocabulary losses as
-options (`--student-loss full`, `--teacher-loss full`) for local teachers; they are the defaults of the
-embedded tiny default, where the sampled forms did not teach the student (README). With a 151k
-vocabulary use the paper's sampled forms: `--student-loss sampled --teacher-loss ce`.
+Choices the paper leaves open, as flags: each rollout batch is split into --num-minibatches mini-batches,
+one optimizer step each (a mini-batch's loss is the token mean over its trained tokens on every rank);
+the later steps reuse the batch, so the sampled form can weigh its tokens by the importance ratio
+pi_s / pi_s(rollout), clipped as in PPO (`--ratio-clip`), and clip its advantage (`--adv-clip`, as MOPD);
+the exact full-vocabulary losses (`--student-loss full`, `--teacher-loss full`) for local teachers;
+`--teacher-loss none` (teacher turns are context only); `--curriculum step` (beta 1, then 0: off-policy
+then on-policy). Arguments left at None are "auto": the embedded tiny default's values with the tiny
+models, the real-model values (the papers' settings) otherwise; both tables are below the Args.
+Rollouts sample at temperature 1: the log-probs in the sampled losses are of the untempered models.
 
 Run:
     python guided_opd.py                                   # embedded tiny default, CPU, minutes
     python guided_opd.py --beta-start 0                    # vanilla OPD, the baseline
-    torchrun --nproc_per_node 8 guided_opd.py --student qwen3-1.7b --teacher qwen3-30b-a3b \\
-        --env alfworld --max-turns 50 --max-new-tokens 512 --max-seq-len 16384 --learning-rate 1e-6 \\
-        --student-loss sampled --teacher-loss ce
+    torchrun --nproc_per_node 8 guided_opd.py --student qwen3-1.7b                 # teacher qwen3-8b
+    torchrun --nproc_per_node 8 guided_opd.py --student qwen3-1.7b --teacher qwen3-30b-a3b --env alfworld \\
+        --max-turns 30 --num-envs 8
 """
 
 from __future__ import annotations
@@ -41,19 +43,21 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 
 import envs
-from common import tiny
-from common.episode import ENV, STUDENT, TEACHER, Episode, TurnCache, collate, end_of_turn_id, generate_replies
-from common.teacher import ModelError, check_vocab, load_model, score_teacher, token_logprobs
+from common import checkpoint
+from common.dist import all_max, all_sum, cleanup, setup
+from common.episode import (STUDENT, TEACHER, Episode, TurnCache, collate, end_of_turn_id, episode_means,
+                            episode_sums, generate_replies, pack_by_tokens)
+from common.models import ModelError, check_vocab, fill_defaults, load_model, student_name, teacher_name
+from common.runs import check_rollout_args, evaluate, gathered, log_scalars, open_writer, run_name, trajectory_text
+from common.teacher import score_teacher, token_logprobs
 
 
 @dataclass
@@ -73,10 +77,11 @@ class Args:
 
     # Models and environment
     student: str = "tiny"
-    """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` (the tiny
-    student that shares a tokenizer with --env's tiny expert)"""
-    teacher: str = "tiny-expert"
-    """the teacher (frozen); `tiny-expert` = the tiny expert of --env's game"""
+    """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` / `tiny-small`
+    (tiny students that share a tokenizer with --env's tiny expert)"""
+    teacher: str | None = None
+    """the teacher (frozen). Auto: --env's tiny expert for a tiny student; qwen3-8b for a real one (the paper
+    used qwen3-30b-a3b; a dense 8B shards and generates faster in this loop: pass qwen3-30b-a3b for the paper's)"""
     env: str = "twx:simonsays"
     """environment spec, e.g. twx:coin, scienceworld:boil, alfworld (see envs/)"""
     thinking: bool = False
@@ -85,23 +90,24 @@ class Args:
     # Rollouts
     num_envs: int = 16
     """episodes played by each rank per iteration (the global batch is num_envs x world size)"""
-    max_turns: int | None = 12
-    """turns per episode before it is cut (12 suits the tiny default); None = the environment's default"""
-    max_new_tokens: int = 24
-    """tokens a turn may generate (raise to 512+ for real models, more with --thinking)"""
-    max_seq_len: int = 2048
-    """tokens an episode may hold; a turn that would not fit ends the episode as truncated"""
+    max_turns: int | None = None
+    """turns per episode before it is cut; 0 = the environment's default (auto: 12 tiny, 0 real)"""
+    max_new_tokens: int | None = None
+    """tokens a turn may generate (auto: 24 tiny, 512 real; more with --thinking)"""
+    max_seq_len: int | None = None
+    """tokens an episode may hold; a turn that would not fit ends the episode as truncated (auto: 2048 tiny,
+    16384 real)"""
     temperature: float = 1.0
-    """sampling temperature of training rollouts (student and teacher turns)"""
+    """sampling temperature of training rollouts; other than 1 only with the exact losses (full/full or none)"""
     cache_turns: bool = True
     """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster;
     the memory grows with episodes x tokens; turn off if rollouts run out of memory)"""
 
     # Optimization
     total_iterations: int = 100
-    """training iterations: one batch of rollouts and one optimizer step each"""
-    learning_rate: float = 2e-3
-    """AdamW learning rate"""
+    """training iterations: one batch of rollouts and --num-minibatches optimizer steps each"""
+    learning_rate: float | None = None
+    """AdamW learning rate (auto: 2e-3 tiny, 1e-6 real)"""
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     """learning rate after warmup: constant, or decaying to 0 at the end"""
     warmup_iterations: int = 0
@@ -112,14 +118,15 @@ class Args:
     """gradient clipping norm"""
     num_minibatches: int = 8
     """optimizer steps per iteration: the rollout batch is split into this many mini-batches"""
-    micro_batch_tokens: int = 4096
-    """token budget of one forward/backward micro-batch (gradient accumulation within a mini-batch)"""
+    micro_batch_tokens: int | None = None
+    """token budget of one forward/backward micro-batch, gradient accumulation within a mini-batch (auto:
+    4096 tiny, 16384 real)"""
     activation_checkpointing: bool = False
     """recompute decoder layers in backward to save memory (real models)"""
 
     # Evaluation and checkpoints
     eval_interval: int = 20
-    """evaluate the student (beta = 0, greedy) every N iterations"""
+    """evaluate the student (beta = 0) every N iterations"""
     eval_episodes: int = 64
     """held-out episodes per evaluation (split over ranks)"""
     eval_temperature: float = 0.0
@@ -136,17 +143,36 @@ class Args:
     """the probability at the end of the curriculum"""
     curriculum_fraction: float = 0.8
     """fraction of training over which beta goes from beta_start to beta_end (then stays)"""
-    curriculum: Literal["cosine", "linear", "constant"] = "cosine"
-    """shape of the beta curriculum (constant keeps beta_start: an ablation)"""
-    student_loss: Literal["sampled", "full"] = "full"
-    """student turns: `sampled` = the paper's sampled-token reverse KL (use it with a 151k vocabulary), or
-    `full` = the exact reverse KL over the vocabulary (the tiny default: the sampled form did not teach it)"""
-    teacher_loss: Literal["ce", "full"] = "full"
-    """teacher turns: `ce` = cross-entropy on the teacher's tokens (the paper's), or `full` = the exact
-    forward KL over the vocabulary (needs the teacher's full distribution at every trained position)"""
+    curriculum: Literal["cosine", "linear", "constant", "step"] = "cosine"
+    """shape of the beta curriculum: constant keeps beta_start; step jumps from beta_start to beta_end at
+    the end of the curriculum (off-policy, then on-policy: an ablation)"""
+    student_loss: Literal["sampled", "full"] | None = None
+    """student turns: `sampled` = the paper's sampled-token reverse KL (scales to a 151k vocabulary) or `full`
+    = the exact reverse KL over the vocabulary (auto: full tiny, sampled real)"""
+    teacher_loss: Literal["ce", "full", "none"] | None = None
+    """teacher turns: `ce` = cross-entropy on the teacher's tokens (the paper's), `full` = the exact forward KL
+    over the vocabulary, `none` = context only, not trained (auto: full tiny, ce real)"""
+    role_weighting: Literal["tokens", "beta"] = "tokens"
+    """`tokens`: one token mean over both roles (each role weighs its share of the tokens); `beta`: a token
+    mean per role, weighted (1 - beta) for student turns and beta for teacher turns"""
+    adv_clip: float = 0.0
+    """clip the sampled form's per-token advantage log pi_t - log pi_s to +-adv_clip (0 = no clip)"""
+    ratio_clip: float = 0.0
+    """sampled form: weigh each token by pi_s / pi_s(rollout), clipped to 1 +- ratio_clip as PPO, with the
+    advantage of the rollout-time student (0 = the plain estimator, no ratio)"""
 
 
+# "Auto" arguments (None above): the embedded tiny default's values, and a real model's.
+TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=2e-3, micro_batch_tokens=4096,
+            student_loss="full", teacher_loss="full")
+REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
+            student_loss="sampled", teacher_loss="ce")
+REAL_TEACHER = "qwen3-8b"
+
+
+# ----------------------------------------------------------------------------------------------------
 # ALGO LOGIC: the guidance curriculum
+# ----------------------------------------------------------------------------------------------------
 def beta_schedule(iteration: int, args: Args) -> float:
     """Teacher-turn probability at `iteration` (0-based): beta_start -> beta_end over the first
     curriculum_fraction of training (cosine by default, as in the paper), then beta_end."""
@@ -154,10 +180,7 @@ def beta_schedule(iteration: int, args: Args) -> float:
         return args.beta_start
     horizon = max(1.0, args.curriculum_fraction * args.total_iterations)
     p = min(1.0, iteration / horizon)
-    if args.curriculum == "cosine":
-        w = 0.5 * (1.0 + math.cos(math.pi * p))
-    else:
-        w = 1.0 - p
+    w = {"cosine": 0.5 * (1.0 + math.cos(math.pi * p)), "linear": 1.0 - p, "step": float(p < 1.0)}[args.curriculum]
     return args.beta_end + (args.beta_start - args.beta_end) * w
 
 
@@ -173,31 +196,144 @@ def lr_at(iteration: int, args: Args) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Distributed helpers: one process works the same as torchrun with one rank
+# ALGO LOGIC: guided rollouts. Each turn, each episode's author is drawn independently (teacher with
+# probability beta); both models generate their episodes' turns in a batch; the env steps; the tokens
+# are appended to one sequence per episode with their role, so the loss knows who wrote what.
 # ----------------------------------------------------------------------------------------------------
-def setup_distributed() -> tuple[int, int, torch.device]:
-    if "RANK" not in os.environ:  # plain `python guided_opd.py`: a process group of one, on a free port
-        import socket
+def rollout(student, teacher, tokenizer, pool, seeds, beta: float, args: Args, sampler: torch.Generator,
+            temperature: float, max_turns: int) -> list[Episode]:
+    eot = end_of_turn_id(tokenizer)
+    # one stream of role draws per episode, from the run's seed and the episode's: an episode gets the same
+    # roles however the batch is split over ranks, and a resumed run draws them again identically
+    role_rngs = [random.Random(f"{args.seed}/{seed}") for seed in seeds]
+    episodes = []
+    for env, seed in zip(pool, seeds):
+        obs, info = env.reset(seed)
+        episodes.append(Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=info["task"], seed=seed))
+    active = [i for i, ep in enumerate(episodes) if not truncate_if_full(ep, args)]
+    # each model keeps its own cache per episode and catches up on the turns the other one wrote
+    caches = {role: [TurnCache() for _ in episodes] for role in (STUDENT, TEACHER)}
+    for _ in range(max_turns):
+        if all_max(len(active)) == 0:  # FSDP: every rank runs the same generate calls, so all stop together
+            break
+        roles = {i: TEACHER if role_rngs[i].random() < beta else STUDENT for i in active}
+        replies = {}
+        for role, model in ((STUDENT, student), (TEACHER, teacher)):
+            writers = [i for i in active if roles[i] == role]
+            if all_max(len(writers)) == 0:
+                continue
+            outs = generate_replies(model, tokenizer, [episodes[i].ids for i in writers], args.max_new_tokens,
+                                    temperature, generator=sampler,
+                                    caches=[caches[role][i] for i in writers] if args.cache_turns else None)
+            replies.update(zip(writers, outs))
+        still_playing = []
+        for i in active:
+            ep = episodes[i]
+            ep.append_reply(replies[i], roles[i], eot)
+            text = tokenizer.decode(replies[i], skip_special_tokens=True)
+            ep.replies.append(text)
+            obs, reward, env_done, info = pool[i].step(text)
+            ep.reward += reward
+            ep.success, ep.score = bool(info["success"]), float(info["score"])
+            ep.invalid_turns += int(info["invalid"])
+            if env_done:
+                ep.done = True
+            else:
+                ep.append_observation(tokenizer, obs, args.thinking)
+                if not truncate_if_full(ep, args):
+                    still_playing.append(i)
+                    continue
+            caches[STUDENT][i] = caches[TEACHER][i] = None  # the episode is over: free its caches
+        active = still_playing
+    return episodes
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+def truncate_if_full(ep: Episode, args: Args) -> bool:
+    """End an episode whose next turn could pass --max-seq-len (logged as truncated, never a crash)."""
+    if len(ep) + args.max_new_tokens > args.max_seq_len:
+        ep.truncated = True
+        return True
+    return False
 
 
-def all_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the losses. Per-token terms first (pure functions of log-probs, unit-tested against each
+# other), then the loss of one micro-batch: per-role sums over its trained tokens (the training step
+# divides them by the mini-batch's token counts) and the statistics to log.
+# ----------------------------------------------------------------------------------------------------
+def sampled_reverse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor, adv_clip: float = 0.0) -> torch.Tensor:
+    """Student turns: A_t = stopgrad(log pi_t(y_t) - log pi_s(y_t)), loss_t = -A_t log pi_s(y_t).
+    Its expected gradient under y_t ~ pi_s is the gradient of KL(pi_s || pi_t) at that position."""
+    advantage = (logp_t - logp_s).detach()
+    if adv_clip > 0:
+        advantage = advantage.clamp(-adv_clip, adv_clip)
+    return -advantage * logp_s
 
 
+def clipped_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, logp_t: torch.Tensor, ratio_clip: float,
+                               adv_clip: float = 0.0) -> torch.Tensor:
+    """The sampled form for a batch that the student sampled a few optimizer steps ago (PPO's surrogate):
+    A_t = log pi_t(y_t) - log pi_old(y_t) from the rollout-time student, r_t = pi_s(y_t) / pi_old(y_t),
+    loss_t = -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t). At r_t = 1 its gradient is the plain form's."""
+    advantage = logp_t - logp_old
+    if adv_clip > 0:
+        advantage = advantage.clamp(-adv_clip, adv_clip)
+    ratio = torch.exp(logp_s - logp_old)
+    return -torch.min(ratio * advantage, ratio.clamp(1 - ratio_clip, 1 + ratio_clip) * advantage)
+
+
+def full_reverse_kl(full_s: torch.Tensor, full_t: torch.Tensor) -> torch.Tensor:
+    """KL(pi_s || pi_t) = sum_v pi_s(v) (log pi_s(v) - log pi_t(v)), from full log-prob rows [N, V]."""
+    return (full_s.exp() * (full_s - full_t)).sum(-1)
+
+
+def full_forward_kl(full_s: torch.Tensor, full_t: torch.Tensor) -> torch.Tensor:
+    """KL(pi_t || pi_s) = sum_v pi_t(v) (log pi_t(v) - log pi_s(v)); its gradient is that of the
+    cross-entropy against the teacher's whole distribution."""
+    return (full_t.exp() * (full_t - full_s)).sum(-1)
+
+
+def guided_opd_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(sum of the student-turn loss, sum of the teacher-turn loss, statistics) over the micro-batch's
+    trained tokens. `mb` holds the batch tensors, the teacher's log-probs (`teacher_logp`), its full rows at
+    the trained positions (`teacher_full`, for the exact losses) and the rollout student's (`old_logp`)."""
+    s_mask = mb["loss_mask"] & (mb["role"] == STUDENT)
+    t_mask = mb["loss_mask"] & (mb["role"] == TEACHER)
+    full = args.student_loss == "full" or args.teacher_loss == "full"
+    s = token_logprobs(student, mb["input_ids"], mb["attention_mask"], mb["loss_mask"], full=full)
+    logp_s, logp_t = s.logp, mb["teacher_logp"]
+
+    if args.student_loss == "sampled" and args.ratio_clip > 0:
+        rkl_tokens = clipped_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_clip, args.adv_clip)
+    else:
+        rkl_tokens = sampled_reverse_kl(logp_s, logp_t, args.adv_clip)
+    fkl_tokens = -logp_s  # teacher turns: forward KL with only the sampled tokens known = cross-entropy
+    if full:  # the exact losses from the full distributions at the trained positions (rows in mask order)
+        where = mb["loss_mask"].nonzero(as_tuple=True)
+        if args.student_loss == "full":
+            rkl_tokens = torch.zeros_like(logp_s).index_put(where, full_reverse_kl(s.full, mb["teacher_full"]))
+        if args.teacher_loss == "full":
+            fkl_tokens = torch.zeros_like(logp_s).index_put(where, full_forward_kl(s.full, mb["teacher_full"]))
+    if args.teacher_loss == "none":
+        fkl_tokens = torch.zeros_like(logp_s)
+    pg_sum, ce_sum = (rkl_tokens * s_mask).sum(), (fkl_tokens * t_mask).sum()
+    with torch.no_grad():
+        stats = {
+            "reverse_kl": ((logp_s - logp_t) * s_mask).sum().item(),  # sampled-token estimate
+            "forward_kl": ((logp_t - logp_s) * t_mask).sum().item(),  # on the teacher's own samples
+            "pg_loss": pg_sum.item(),
+            "ce_loss": ce_sum.item(),
+            "student_tokens": s_mask.sum().item(),
+            "teacher_tokens": t_mask.sum().item(),
+        }
+        if "old_logp" in mb:  # share of student tokens whose ratio left the clip range
+            stats["clipped"] = (((logp_s - mb["old_logp"]).exp() - 1).abs().gt(args.ratio_clip) & s_mask).sum().item()
+    return pg_sum, ce_sum, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# FSDP2 wrapping and the training step
+# ----------------------------------------------------------------------------------------------------
 def shard(model, device, trainable: bool, activation_checkpointing: bool = False):
     """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, LM head).
     bf16 compute with fp32 reductions on GPU; fp32 on CPU (bf16 is about 10x slower there)."""
@@ -215,249 +351,90 @@ def shard(model, device, trainable: bool, activation_checkpointing: bool = False
     return model
 
 
-def set_rollout_mode(models, on: bool):
-    """During rollouts keep every unit's parameters gathered between the many small decoding forwards
-    (about 2x faster here), and free them afterwards."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for model in models:
-        for m in model.modules():
-            if isinstance(m, FSDPModule):
-                m.set_reshard_after_forward(not on, recurse=False)
-                if not on:
-                    m.reshard()
-
-
-# ----------------------------------------------------------------------------------------------------
-# ALGO LOGIC: guided rollouts. Each turn, each episode's author is drawn independently (teacher with
-# probability beta); both models generate their episodes' turns in a batch; the env steps; the tokens
-# are appended to one sequence per episode with their role, so the loss knows who wrote what.
-# ----------------------------------------------------------------------------------------------------
-def rollout(student, teacher, tokenizer, pool, seeds, beta, args: Args, role_rng: random.Random,
-            gen: torch.Generator, temperature: float, device, max_turns: int) -> list[Episode]:
-    eot = end_of_turn_id(tokenizer)
-    episodes = []
-    for env, seed in zip(pool, seeds):
-        obs, info = env.reset(seed)
-        episodes.append(Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=info["task"], seed=seed))
-    active = [i for i, e in enumerate(episodes) if not _truncate_if_full(e, args)]
-    # each model keeps its own cache per episode and catches up on the turns the other one wrote
-    caches = {role: [TurnCache() for _ in episodes] for role in (STUDENT, TEACHER)}
-    for _ in range(max_turns):
-        # every rank must run the same generate calls (FSDP): stop only when all ranks are done
-        if all_sum([len(active)], device)[0] == 0:
-            break
-        roles = {i: TEACHER if role_rng.random() < beta else STUDENT for i in active}
-        replies = {}
-        for role, model in ((STUDENT, student), (TEACHER, teacher)):
-            who = [i for i in active if roles[i] == role]
-            if all_sum([len(who)], device)[0] == 0:
-                continue
-            outs = generate_replies(model, tokenizer, [episodes[i].ids for i in who], args.max_new_tokens,
-                                    temperature, generator=gen,
-                                    caches=[caches[role][i] for i in who] if args.cache_turns else None)
-            replies.update(zip(who, outs))
-        still = []
-        for i in active:
-            ep = episodes[i]
-            ep.append_reply(replies[i], roles[i], eot)
-            text = tokenizer.decode(replies[i], skip_special_tokens=True)
-            ep.replies.append(text)
-            obs, reward, done, info = pool[i].step(text)
-            ep.reward += reward
-            ep.success, ep.score = bool(info["success"]), float(info["score"])
-            ep.invalid_turns += int(info["invalid"])
-            if done:
-                ep.done = True
-            else:
-                ep.append_observation(tokenizer, obs, args.thinking)
-                if not _truncate_if_full(ep, args):
-                    still.append(i)
-                    continue
-            caches[STUDENT][i] = caches[TEACHER][i] = None  # the episode is over: free its caches
-        active = still
-    return episodes
+def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher_scores, old_logp, beta: float,
+               args: Args, world: int, device) -> dict:
+    """One iteration's updates. The rollout batch is split into --num-minibatches mini-batches, one optimizer
+    step each (as verl's PPO mini-batches): a tiny model needs many steps, and rollouts cost the most.
+    Inside a mini-batch, micro-batches of at most --micro-batch-tokens accumulate gradients. Returns the
+    summed statistics of the micro-batches and the mean gradient norm."""
+    loss_mask = batch["loss_mask"]
+    full_rows = None
+    if teacher_scores.full is not None:  # map each trained position to its row of the teacher's full distributions
+        full_rows = torch.full(loss_mask.shape, -1, dtype=torch.long)
+        full_rows[loss_mask] = torch.arange(int(loss_mask.sum()))
+    trained = loss_mask & ((batch["role"] == STUDENT) | torch.tensor(args.teacher_loss != "none"))
+    stats_sum, grad_norms, skipped = {}, [], 0
+    for m in range(args.num_minibatches):
+        rows = list(range(m, len(episodes), args.num_minibatches))
+        counts = all_sum({"tokens": int(trained[rows].sum()), "student": int((loss_mask & (batch["role"] == STUDENT))[rows].sum()),
+                          "teacher": int((trained & (batch["role"] == TEACHER))[rows].sum())})
+        order = sorted(rows, key=lambda r: len(episodes[r]))  # similar lengths together: less padding
+        groups = pack_by_tokens([len(e) for e in episodes], args.micro_batch_tokens, order)
+        n_max = all_max(len(groups))  # every rank runs as many forward/backward passes
+        optimizer.zero_grad(set_to_none=True)
+        for j in range(n_max):
+            student.set_requires_gradient_sync(j == n_max - 1)  # reduce gradients once, after the last
+            idx = groups[j] if j < len(groups) else groups[0][:1]  # a rank with fewer micro-batches repeats
+            weight = 1.0 if j < len(groups) else 0.0               # one row with zero weight, to stay in step
+            width = max(len(episodes[i]) for i in idx)  # right padding beyond the longest row is cut
+            mb = {k: batch[k][idx, :width].to(device) for k in ("input_ids", "attention_mask", "loss_mask", "role")}
+            mb["teacher_logp"] = teacher_scores.logp[idx, :width].to(device)
+            if full_rows is not None:
+                mb["teacher_full"] = teacher_scores.full[full_rows[idx, :width][loss_mask[idx, :width]]].to(device)
+            if old_logp is not None:
+                mb["old_logp"] = old_logp[idx, :width].to(device)
+            pg_sum, ce_sum, stats = guided_opd_loss(student, mb, args)
+            # The mini-batch's loss is a mean over its tokens on every rank; FSDP averages gradients over
+            # ranks, hence the factor world.
+            if args.role_weighting == "tokens":  # one token mean: each role weighs its share of the tokens
+                loss = (pg_sum + ce_sum) * weight * world / max(counts["tokens"], 1.0)
+            else:  # a token mean per role, weighted (1 - beta) : beta
+                loss = ((1 - beta) * pg_sum / max(counts["student"], 1.0)
+                        + beta * ce_sum / max(counts["teacher"], 1.0)) * weight * world
+            loss.backward()
+            for key, v in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + v * weight
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if math.isfinite(grad_norm):
+            optimizer.step()
+            grad_norms.append(grad_norm)
+        else:  # a non-finite loss or gradient: skip the step, keep the weights, log it
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+    return {**stats_sum, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "skipped_steps": skipped}
 
 
-def _truncate_if_full(ep: Episode, args: Args) -> bool:
-    """End an episode whose next turn could pass --max-seq-len (logged as truncated, never a crash)."""
-    if len(ep) + args.max_new_tokens > args.max_seq_len:
-        ep.truncated = True
-        return True
-    return False
-
-
-# ----------------------------------------------------------------------------------------------------
-# ALGO LOGIC: the losses. Per-token terms first (pure functions of log-probs, unit-tested against each
-# other), then the loss of one micro-batch: the sum over its trained tokens (the caller divides by the
-# global token count) and the statistics to log.
-# ----------------------------------------------------------------------------------------------------
-def sampled_reverse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor) -> torch.Tensor:
-    """Student turns: A_t = stopgrad(log pi_t(y_t) - log pi_s(y_t)), loss_t = -A_t log pi_s(y_t).
-    Its expected gradient under y_t ~ pi_s is the gradient of KL(pi_s || pi_t) at that position."""
-    advantage = (logp_t - logp_s).detach()
-    return -advantage * logp_s
-
-
-def full_reverse_kl(full_s: torch.Tensor, full_t: torch.Tensor) -> torch.Tensor:
-    """KL(pi_s || pi_t) = sum_v pi_s(v) (log pi_s(v) - log pi_t(v)), from full log-prob rows [N, V]."""
-    return (full_s.exp() * (full_s - full_t)).sum(-1)
-
-
-def full_forward_kl(full_s: torch.Tensor, full_t: torch.Tensor) -> torch.Tensor:
-    """KL(pi_t || pi_s) = sum_v pi_t(v) (log pi_t(v) - log pi_s(v)); its gradient is that of the
-    cross-entropy against the teacher's whole distribution."""
-    return (full_t.exp() * (full_t - full_s)).sum(-1)
-
-
-def guided_opd_loss(student, mb: dict, args: Args):
-    s_mask = mb["loss_mask"] & (mb["role"] == STUDENT)
-    t_mask = mb["loss_mask"] & (mb["role"] == TEACHER)
-    full = args.student_loss == "full" or args.teacher_loss == "full"
-    s = token_logprobs(student, mb["input_ids"], mb["attention_mask"], mb["loss_mask"], full=full)
-    logp_s, logp_t = s.logp, mb["teacher_logp"]
-
-    rkl_tokens = sampled_reverse_kl(logp_s, logp_t)  # student turns
-    fkl_tokens = -logp_s  # teacher turns: forward KL with only the sampled tokens known = cross-entropy
-    if full:  # the exact losses from the full distributions at the trained positions (rows in mask order)
-        where = mb["loss_mask"].nonzero(as_tuple=True)
-        if args.student_loss == "full":
-            rkl_tokens = torch.zeros_like(logp_s).index_put(where, full_reverse_kl(s.full, mb["teacher_full"]))
-        if args.teacher_loss == "full":
-            fkl_tokens = torch.zeros_like(logp_s).index_put(where, full_forward_kl(s.full, mb["teacher_full"]))
-    loss_sum = (rkl_tokens * s_mask).sum() + (fkl_tokens * t_mask).sum()
-    with torch.no_grad():
-        stats = {
-            "reverse_kl": ((logp_s - logp_t) * s_mask).sum().item(),  # sampled-token estimate
-            "forward_kl": ((logp_t - logp_s) * t_mask).sum().item(),  # on the teacher's own samples
-            "pg_loss": (rkl_tokens * s_mask).sum().item(),
-            "ce_loss": (fkl_tokens * t_mask).sum().item(),
-            "student_tokens": s_mask.sum().item(),
-            "teacher_tokens": t_mask.sum().item(),
-        }
-    return loss_sum, stats
-
-
-def micro_batches(episodes: list[Episode], budget: int) -> list[list[int]]:
-    """Group episode indices so each group's padded size (rows x longest) stays within `budget`."""
-    order = sorted(range(len(episodes)), key=lambda i: len(episodes[i]))
-    groups, cur, longest = [], [], 0
-    for i in order:
-        n = len(episodes[i])
-        if cur and max(longest, n) * (len(cur) + 1) > budget:
-            groups.append(cur)
-            cur, longest = [], 0
-        cur.append(i)
-        longest = max(longest, n)
-    if cur:
-        groups.append(cur)
-    return groups
-
-
-def evaluate(student, tokenizer, args: Args, pool, rank: int, world: int, device, n: int) -> tuple[dict, list[Episode]]:
-    """The student alone (beta = 0) on `n` held-out seeds, split across ranks, `len(pool)` at a time."""
-    seeds = list(range(rank, n, world))
-    gen = torch.Generator(device=device).manual_seed(args.seed + 12345 + rank)
-    episodes = []
-    n_rounds = torch.tensor([math.ceil(len(seeds) / len(pool))], device=device)
-    dist.all_reduce(n_rounds, op=dist.ReduceOp.MAX)  # every rank runs the same number of rollouts
-    for k in range(int(n_rounds.item())):
-        chunk = seeds[k * len(pool):(k + 1) * len(pool)]
-        eps = rollout(student, None, tokenizer, pool[:len(chunk)], chunk, 0.0, args, random.Random(0), gen,
-                      args.eval_temperature, device, args.max_turns or pool[0].max_turns)
-        episodes += eps
-    tot = all_sum([len(episodes), sum(e.success for e in episodes), sum(e.score for e in episodes),
-                   sum(e.turns for e in episodes)], device)
-    return {"success_rate": tot[1] / tot[0], "score": tot[2] / tot[0], "episode_turns": tot[3] / tot[0]}, episodes
-
-
-def trajectory_text(tokenizer, ep: Episode) -> str:
-    """A decoded episode for tensorboard: who wrote each turn, and what the env said."""
-    body = tokenizer.decode(ep.ids, skip_special_tokens=False)
-    return f"seed {ep.seed}, success {ep.success}, turns {ep.turns}\n\n```\n{body}\n```"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: atomic, resumable (model, optimizer, iteration, every rank's RNG states)
-# ----------------------------------------------------------------------------------------------------
-def save_checkpoint(path, student, optimizer, iteration, run_name, rngs, rank):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(student, options=opts)
-    optim_sd = get_optimizer_state_dict(student, optimizer, options=opts)
-    all_rngs = [None] * dist.get_world_size()
-    dist.all_gather_object(all_rngs, rngs)
-    if rank == 0:
-        tmp = path + ".tmp"
-        torch.save({"model": model_sd, "optimizer": optim_sd, "iteration": iteration, "run_name": run_name,
-                    "rngs": all_rngs}, tmp)
-        os.replace(tmp, path)  # a crash mid-write never leaves a broken checkpoint
-    dist.barrier()
-
-
-def load_checkpoint(path, student, optimizer, rank):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    set_model_state_dict(student, ckpt["model"], options=opts)
-    set_optimizer_state_dict(student, optimizer, ckpt["optimizer"], options=opts)
-    return ckpt["iteration"], ckpt["run_name"], ckpt["rngs"][rank]
-
-
-def rng_state(role_rng, gen):
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "role": role_rng.getstate(), "gen": gen.get_state()}
-
-
-def set_rng_state(state, role_rng, gen):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    role_rng.setstate(state["role"])
-    gen.set_state(state["gen"])
-
-
-def checkpoint_file(resume: str) -> str:
-    path = os.path.join(resume, "checkpoint.pt") if os.path.isdir(resume) else resume
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint at {resume!r}: pass the folder of an earlier run (runs/<run_name>) "
-                         "or its checkpoint.pt")
-    return path
-
-
-def fail(msg: str):
-    raise SystemExit(f"error: {msg}")
+def check_args(args: Args) -> None:
+    """One-line errors for bad input, before anything is loaded (the shared arguments in common/runs.py)."""
+    check_rollout_args(args)
+    if args.temperature != 1 and (args.student_loss == "sampled" or args.teacher_loss == "ce"):
+        raise SystemExit("error: --temperature must be 1 with the sampled losses (their log-probs are of the untempered "
+                         "models); sample at another temperature only with --student-loss full and --teacher-loss full or none")
+    if not (0 <= args.beta_end <= 1 and 0 <= args.beta_start <= 1) or args.adv_clip < 0 or args.ratio_clip < 0:
+        raise SystemExit("error: --beta-start and --beta-end must be between 0 and 1, --adv-clip and --ratio-clip 0 (off) "
+                         "or positive")
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if args.num_envs < 1 or args.total_iterations < 1:
-        fail("--num-envs and --total-iterations must be at least 1")
-    if not 1 <= args.num_minibatches <= args.num_envs:
-        fail(f"--num-minibatches must be between 1 and --num-envs ({args.num_envs})")
-    resume_path = checkpoint_file(args.resume) if args.resume else None
-    rank, world, device = setup_distributed()
+    fill_defaults(args, TINY, REAL)
+    check_args(args)
+    resume_path = checkpoint.resolve(args.resume) if args.resume else None
+    rank, world, device = setup()
     try:
-        probe = envs.make(args.env, seed=args.seed)  # a bad spec fails here, in one line
-    except (envs.EnvError, ValueError) as e:
-        fail(str(e))
-    probe.close()
-    if args.teacher == "tiny-expert":
-        try:
-            args.teacher = tiny.expert_for(args.env)
-        except ValueError as e:
-            fail(str(e))
-    if args.student == "tiny":
-        args.student = tiny.student_for(args.env)
+        envs.make(args.env, seed=args.seed).close()  # a bad spec fails here, in one line
+        args.student = student_name(args.student, args.env)
+        args.teacher = teacher_name(args.teacher, args.student, args.env, REAL_TEACHER)
+    except (envs.EnvError, ModelError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
 
     # Seeding: each rank gets its own stream (rank offset), the run is reproducible from --seed.
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    role_rng = random.Random(args.seed * 1000 + rank)
-    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
+    sampler = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)  # sampling of tokens
+    generators = {"sampler": sampler}
     torch.set_num_threads(max(1, torch.get_num_threads() // world) if device.type == "cpu" else torch.get_num_threads())
 
     # Models: the student trains, the teacher is frozen; both sharded with FSDP2.
@@ -466,51 +443,44 @@ if __name__ == "__main__":
         teacher, teacher_tok = load_model(args.teacher, device=device)
         check_vocab((student, tokenizer), (teacher, teacher_tok), (args.student, args.teacher))
     except (ModelError, ValueError) as e:
-        fail(str(e))
-    max_pos = student.config.max_position_embeddings
-    if args.max_seq_len > max_pos:
-        fail(f"--max-seq-len {args.max_seq_len} exceeds the student's {max_pos} positions: lower --max-seq-len")
-    if args.max_new_tokens >= args.max_seq_len:
-        fail(f"--max-new-tokens {args.max_new_tokens} must be below --max-seq-len {args.max_seq_len}")
+        raise SystemExit(f"error: {e}") from None
+    if args.max_seq_len > student.config.max_position_embeddings:
+        raise SystemExit(f"error: --max-seq-len {args.max_seq_len} exceeds the student's "
+                         f"{student.config.max_position_embeddings} positions: lower --max-seq-len")
     student = shard(student, device, trainable=True, activation_checkpointing=args.activation_checkpointing)
     teacher = shard(teacher, device, trainable=False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay)
 
-    start_iteration = 0
-    run_name = f"{args.env.replace(':', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    start_iteration, name = 0, run_name(args.env, args.exp_name, args.seed)
     if resume_path:
-        start_iteration, run_name, state = load_checkpoint(resume_path, student, optimizer, rank)
-        set_rng_state(state, role_rng, gen)
-    run_dir = os.path.join(args.runs_dir, run_name)
-    writer = None
+        start_iteration, name, _ = checkpoint.load(resume_path, student, optimizer, generators)
+    run_dir = os.path.join(args.runs_dir, name)
+    writer = open_writer(args, run_dir, name, start_iteration if resume_path else None) if rank == 0 else None
     if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=vars(args), name=run_name, save_code=True, resume="allow", id=run_name)
-        # steps count completed iterations; a resumed run drops what the interrupted one logged after its checkpoint
-        writer = SummaryWriter(run_dir, purge_step=start_iteration + 1 if resume_path else None)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        print(f"run {run_name}: {world} rank(s) on {device}, student {args.student}, teacher {args.teacher}, env {args.env}")
+        print(f"run {name}: {world} rank(s) on {device}, student {args.student}, teacher {args.teacher}, env {args.env}")
 
     # Environments are made once and reset for every episode (a TextWorld-Express env is a JVM process).
-    pool = [envs.make(args.env, seed=args.seed + rank, split="train") for _ in range(args.num_envs)]
-    eval_pool = [envs.make(args.env, seed=args.seed + rank, split="heldout") for _ in range(args.num_envs)]
+    # Their own randomness comes from (--seed, split, episode seed): the same episode on any rank.
+    pool = [envs.make(args.env, seed=args.seed, split="train") for _ in range(args.num_envs)]
+    eval_pool = [envs.make(args.env, seed=args.seed, split="heldout") for _ in range(args.num_envs)]
+    max_turns = args.max_turns or pool[0].max_turns
+
+    def evaluate_alone(model):
+        """The model alone (beta = 0) on the held-out seeds."""
+        eval_sampler = torch.Generator(device=device).manual_seed(args.seed + 12345 + rank)
+        with gathered(model):
+            return evaluate(lambda p, s: rollout(model, None, tokenizer, p, s, 0.0, args, eval_sampler,
+                                                 args.eval_temperature, max_turns),
+                            eval_pool, args.eval_episodes, rank, world)
 
     # The teacher alone, once: the level the student is distilled towards.
     if start_iteration == 0:
-        set_rollout_mode([teacher], True)
-        teacher_eval, _ = evaluate(teacher, tokenizer, args, eval_pool, rank, world, device, args.eval_episodes)
-        student_eval, _ = evaluate(student, tokenizer, args, eval_pool, rank, world, device, args.eval_episodes)
-        set_rollout_mode([student, teacher], False)
+        teacher_eval, _ = evaluate_alone(teacher)
+        student_eval, _ = evaluate_alone(student)
         if rank == 0:
-            for k, v in teacher_eval.items():
-                writer.add_scalar(f"teacher/{k}", v, 0)
-            for k, v in student_eval.items():
-                writer.add_scalar(f"eval/{k}", v, 0)
+            log_scalars(writer, "teacher", teacher_eval, 0)
+            log_scalars(writer, "eval", student_eval, 0)
             print(f"teacher held-out success {teacher_eval['success_rate']:.2f}, "
                   f"student before training {student_eval['success_rate']:.2f}")
 
@@ -524,124 +494,68 @@ if __name__ == "__main__":
         # ALGO LOGIC: rollouts with guidance probability beta
         t0 = time.time()
         seeds = [(iteration * world + rank) * args.num_envs + j for j in range(args.num_envs)]
-        set_rollout_mode([student, teacher], True)
-        episodes = rollout(student, teacher, tokenizer, pool, seeds, beta, args, role_rng, gen, args.temperature,
-                           device, args.max_turns or pool[0].max_turns)
-        set_rollout_mode([student, teacher], False)
+        with gathered(student, teacher):
+            episodes = rollout(student, teacher, tokenizer, pool, seeds, beta, args, sampler, args.temperature, max_turns)
         t_rollout = time.time() - t0
 
         # Teacher scoring: log pi_t of every agent token (student turns need it for the advantage; the
         # teacher's own turns for the logged forward KL), full distributions only for the exact losses.
+        # With --ratio-clip the student's own rollout-time log-probs too (the ratio's denominator).
         t0 = time.time()
         batch = collate(episodes, tokenizer.pad_token_id)
         need_full = args.student_loss == "full" or args.teacher_loss == "full"
         scores = score_teacher(teacher, batch, batch["loss_mask"], args.micro_batch_tokens, full=need_full)
+        old_logp = None
+        if args.student_loss == "sampled" and args.ratio_clip > 0:
+            old_logp = score_teacher(student, batch, batch["loss_mask"], args.micro_batch_tokens).logp
         t_teacher = time.time() - t0
 
-        # ALGO LOGIC: training. The rollout batch is split into --num-minibatches mini-batches, one optimizer
-        # step each (as verl's PPO mini-batches): a tiny model needs many steps, and rollouts cost the most.
-        # Each mini-batch's loss is the token mean over that mini-batch on all ranks; inside it, micro-batches
-        # of at most --micro-batch-tokens accumulate gradients.
+        # ALGO LOGIC: the training step
         t0 = time.time()
-        n_local = int(batch["loss_mask"].sum())
-        n_global = all_sum([n_local], device)[0]
-        full_rows = None
-        if need_full:  # map each trained position to its row of the teacher's full distributions
-            full_rows = torch.full(batch["loss_mask"].shape, -1, dtype=torch.long)
-            full_rows[batch["loss_mask"]] = torch.arange(n_local)
-        stats_sum, grad_norms, skipped = {}, [], 0
-        minibatches = [list(range(k, len(episodes), args.num_minibatches)) for k in range(args.num_minibatches)]
-        for rows in minibatches:
-            mb_tokens = all_sum([int(batch["loss_mask"][rows].sum())], device)[0]
-            groups = [[rows[i] for i in g] for g in micro_batches([episodes[r] for r in rows], args.micro_batch_tokens)]
-            n_max = torch.tensor([len(groups)], device=device)
-            dist.all_reduce(n_max, op=dist.ReduceOp.MAX)  # every rank runs as many forward/backward passes
-            n_max = int(n_max.item())
-            optimizer.zero_grad(set_to_none=True)
-            for j in range(n_max):
-                student.set_requires_gradient_sync(j == n_max - 1)  # reduce gradients once, after the last
-                idx = groups[j] if j < len(groups) else groups[0][:1]  # a rank with fewer micro-batches repeats
-                weight = 1.0 if j < len(groups) else 0.0               # one row with zero weight, to stay in step
-                L = max(len(episodes[i]) for i in idx)
-                mb = {k: batch[k][idx, :L].to(device) for k in ("input_ids", "attention_mask", "loss_mask", "role")}
-                mb["teacher_logp"] = scores.logp[idx, :L].to(device)
-                if need_full:
-                    mb["teacher_full"] = scores.full[full_rows[idx, :L][batch["loss_mask"][idx, :L]]].to(device)
-                loss_sum, stats = guided_opd_loss(student, mb, args)
-                # FSDP averages gradients over ranks: scale by world / tokens for the mini-batch's global token mean.
-                (loss_sum * weight * world / max(mb_tokens, 1.0)).backward()
-                for k, v in stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + v * weight
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            if math.isfinite(grad_norm):
-                optimizer.step()
-                grad_norms.append(grad_norm)
-            else:  # a non-finite loss or gradient: skip the step, keep the weights, log it
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-        grad_norm = sum(grad_norms) / max(len(grad_norms), 1)
+        step = train_step(student, optimizer, episodes, batch, scores, old_logp, beta, args, world, device)
         t_train = time.time() - t0
 
-        # Logging: sums over every rank's episodes.
-        keys = sorted(stats_sum)
-        g = all_sum([len(episodes), sum(e.success for e in episodes), sum(e.score for e in episodes),
-                     sum(e.turns for e in episodes), sum(e.invalid_turns for e in episodes),
-                     sum(e.truncated for e in episodes), sum(sum(e.loss_mask) for e in episodes)]
-                    + [stats_sum[k] for k in keys], device)
-        tot = dict(zip(keys, g[7:]))
+        # Logging: sums over every rank's episodes and micro-batches.
+        totals = all_sum({**episode_sums(episodes), **{k: v for k, v in step.items() if k not in ("grad_norm", "skipped_steps")}})
+        completed = iteration + 1
         if rank == 0:
-            n_ep, turns = g[0], max(g[3], 1)
-            writer.add_scalar("charts/success_rate", g[1] / n_ep, iteration + 1)
-            writer.add_scalar("charts/score", g[2] / n_ep, iteration + 1)
-            writer.add_scalar("charts/episode_turns", g[3] / n_ep, iteration + 1)
-            writer.add_scalar("charts/invalid_action_rate", g[4] / turns, iteration + 1)
-            writer.add_scalar("charts/truncated_rate", g[5] / n_ep, iteration + 1)
-            writer.add_scalar("charts/tokens_per_second", g[6] / max(time.time() - t_iter, 1e-9), iteration + 1)
-            writer.add_scalar("charts/learning_rate", lr, iteration + 1)
-            writer.add_scalar("schedule/beta", beta, iteration + 1)
-            writer.add_scalar("schedule/teacher_token_fraction", tot["teacher_tokens"] / max(n_global, 1), iteration + 1)
-            writer.add_scalar("losses/reverse_kl", tot["reverse_kl"] / max(tot["student_tokens"], 1), iteration + 1)
-            writer.add_scalar("losses/forward_kl", tot["forward_kl"] / max(tot["teacher_tokens"], 1), iteration + 1)
-            writer.add_scalar("losses/pg_loss", tot["pg_loss"] / max(tot["student_tokens"], 1), iteration + 1)
-            writer.add_scalar("losses/ce_loss", tot["ce_loss"] / max(tot["teacher_tokens"], 1), iteration + 1)
-            writer.add_scalar("losses/loss", (tot["pg_loss"] + tot["ce_loss"]) / max(n_global, 1), iteration + 1)
-            writer.add_scalar("losses/grad_norm", grad_norm, iteration + 1)
-            writer.add_scalar("losses/skipped_steps", skipped, iteration + 1)
-            writer.add_scalar("time/rollout", t_rollout, iteration + 1)
-            writer.add_scalar("time/teacher", t_teacher, iteration + 1)
-            writer.add_scalar("time/train", t_train, iteration + 1)
-            print(f"iter {iteration:4d}  beta {beta:.2f}  success {g[1] / n_ep:.2f}  turns {g[3] / n_ep:5.1f}  "
-                  f"rkl {tot['reverse_kl'] / max(tot['student_tokens'], 1):.3f}  "
-                  f"loss {(tot['pg_loss'] + tot['ce_loss']) / max(n_global, 1):.4f}  grad {grad_norm:.2f}"
-                  + (f"  ({skipped} non-finite steps skipped)" if skipped else ""), flush=True)
+            rates = episode_means(totals)
+            log_scalars(writer, "charts", {**rates, "tokens_per_second": totals["agent_tokens"] / max(time.time() - t_iter, 1e-9),
+                                           "learning_rate": lr}, completed)
+            trained = totals["student_tokens"] + (totals["teacher_tokens"] if args.teacher_loss != "none" else 0)
+            losses = {"reverse_kl": totals["reverse_kl"] / max(totals["student_tokens"], 1),
+                      "forward_kl": totals["forward_kl"] / max(totals["teacher_tokens"], 1),
+                      "pg_loss": totals["pg_loss"] / max(totals["student_tokens"], 1),
+                      "ce_loss": totals["ce_loss"] / max(totals["teacher_tokens"], 1),
+                      "loss": (totals["pg_loss"] + totals["ce_loss"]) / max(trained, 1),
+                      "grad_norm": step["grad_norm"], "skipped_steps": step["skipped_steps"]}
+            if "clipped" in totals:
+                losses["clipfrac"] = totals["clipped"] / max(totals["student_tokens"], 1)
+            log_scalars(writer, "losses", losses, completed)
+            log_scalars(writer, "schedule", {"beta": beta, "teacher_token_fraction":
+                                             totals["teacher_tokens"] / max(totals["agent_tokens"], 1)}, completed)
+            log_scalars(writer, "time", {"rollout": t_rollout, "teacher": t_teacher, "train": t_train}, completed)
+            print(f"iter {iteration:4d}  beta {beta:.2f}  success {rates['success_rate']:.2f}  "
+                  f"turns {rates['episode_turns']:5.1f}  rkl {losses['reverse_kl']:.3f}  loss {losses['loss']:.4f}  "
+                  f"grad {step['grad_norm']:.2f}"
+                  + (f"  ({step['skipped_steps']} non-finite steps skipped)" if step["skipped_steps"] else ""), flush=True)
 
-        done = iteration + 1
-        if done % args.eval_interval == 0 or done == args.total_iterations:
-            set_rollout_mode([student], True)
-            ev, eval_eps = evaluate(student, tokenizer, args, eval_pool, rank, world, device, args.eval_episodes)
-            set_rollout_mode([student], False)
+        if completed % args.eval_interval == 0 or completed == args.total_iterations:
+            ev, eval_eps = evaluate_alone(student)
             if rank == 0:
-                for k, v in ev.items():
-                    writer.add_scalar(f"eval/{k}", v, done)
+                log_scalars(writer, "eval", ev, completed)
                 for ep in eval_eps[:2]:
-                    writer.add_text("eval/trajectory", trajectory_text(tokenizer, ep), done)
-                print(f"eval after {done} iterations: held-out success {ev['success_rate']:.2f}, "
+                    writer.add_text("eval/trajectory", trajectory_text(tokenizer, ep), completed)
+                print(f"eval after {completed} iterations: held-out success {ev['success_rate']:.2f}, "
                       f"score {ev['score']:.2f}, turns {ev['episode_turns']:.1f}", flush=True)
-        if done % args.save_interval == 0 or done == args.total_iterations:
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), student, optimizer, done, run_name,
-                            rng_state(role_rng, gen), rank)
+        if completed % args.save_interval == 0 or completed == args.total_iterations:
+            checkpoint.save(os.path.join(run_dir, "checkpoint.pt"), student, optimizer, completed, name, generators)
 
     # Final save: the full student on rank 0 in Hugging Face format (AutoModelForCausalLM loads it).
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full_sd = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    checkpoint.save_final(student, tokenizer, os.path.join(run_dir, "final"))
     if rank == 0:
-        final_dir = os.path.join(run_dir, "final")
-        student.save_pretrained(final_dir, state_dict=full_sd)
-        tokenizer.save_pretrained(final_dir)
         writer.close()
-        print(f"saved the student to {final_dir}")
+        print(f"saved the student to {os.path.join(run_dir, 'final')}")
     for env in pool + eval_pool:
         env.close()
-    dist.destroy_process_group()
+    cleanup()

@@ -58,7 +58,7 @@ def load(args: Args, device: torch.device):
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     if args.model == "tiny":
-        from common.teacher import load_model
+        from common.models import load_model
 
         model, tok = load_model("tiny", device=device)
         return model, tok

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.dist import all_max
+
 ENV, STUDENT, TEACHER = 0, 1, 2
 
 
@@ -120,6 +122,39 @@ def collate(episodes: list[Episode], pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def pack_by_tokens(lengths: list[int], budget: int, order: list[int] | None = None) -> list[list[int]]:
+    """Group the indices of `lengths`, taken in `order` (default: as they come), so that each group's padded
+    size (rows x longest row) stays within `budget` tokens; a row longer than the budget is a group of its
+    own. Micro-batches of a training step (sorted by length: less padding), a teacher's scoring passes and
+    the tiny build's shuffled batches all come from here."""
+    groups, cur, longest = [], [], 0
+    for i in (range(len(lengths)) if order is None else order):
+        n = lengths[i]
+        if cur and max(longest, n) * (len(cur) + 1) > budget:
+            groups.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def episode_sums(episodes: list[Episode]) -> dict[str, float]:
+    """What training and evaluation log about episodes, as sums (so that ranks can add them up)."""
+    return {"episodes": len(episodes), "success": sum(e.success for e in episodes),
+            "score": sum(e.score for e in episodes), "turns": sum(e.turns for e in episodes),
+            "invalid_turns": sum(e.invalid_turns for e in episodes), "truncated": sum(e.truncated for e in episodes),
+            "agent_tokens": sum(sum(e.loss_mask) for e in episodes)}
+
+
+def episode_means(sums: dict[str, float]) -> dict[str, float]:
+    """The logged rates from `episode_sums` (added over ranks): per episode, or per turn for invalid actions."""
+    n, turns = max(sums["episodes"], 1), max(sums["turns"], 1)
+    return {"success_rate": sums["success"] / n, "score": sums["score"] / n, "episode_turns": sums["turns"] / n,
+            "invalid_action_rate": sums["invalid_turns"] / turns, "truncated_rate": sums["truncated"] / n}
+
+
 class TurnCache:
     """One model's key/value cache for one episode, kept between turns.
 
@@ -196,7 +231,6 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     step_ids, step_pos = ids, positions
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     for t in range(max_new_tokens):
         # logits_to_keep=1: only the last position's logits (a 151k vocab over a whole prompt is huge)
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
@@ -218,11 +252,8 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
         just_done = (~finished) & (nxt == eot)
         lengths = torch.where(just_done, torch.full_like(lengths, t + 1), lengths)
         finished |= just_done
-        all_done = finished.all() if n_real else torch.tensor(True)
-        if distributed:  # FSDP: every rank must run the same number of forward passes
-            flag = (~all_done).float().reshape(1)
-            torch.distributed.all_reduce(flag)
-            all_done = flag.item() == 0
+        # FSDP: every rank runs as many forward passes as the rank with the longest reply
+        all_done = all_max(int(n_real > 0 and not bool(finished.all()))) == 0
         if all_done or t + 1 == max_new_tokens:
             break
         step_ids = nxt[:, None]

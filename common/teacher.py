@@ -1,4 +1,4 @@
-"""Model loading and token scoring for teachers and students (DESIGN.md section 3).
+"""Token scoring for teachers and students.
 
 `token_logprobs` returns, for every trained position t of a sequence, log p(token_t | tokens_<t), and
 optionally the top-k log-probs or the full log-softmax row there. It never builds the [B, T, V] logits
@@ -12,118 +12,15 @@ to its own teacher (MOPD, two-phase).
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass
 from types import MethodType
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-ALIASES = {
-    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
-    "qwen3-1.7b": "Qwen/Qwen3-1.7B",
-    "qwen3-4b": "Qwen/Qwen3-4B",
-    "qwen3-8b": "Qwen/Qwen3-8B",
-    "qwen3-14b": "Qwen/Qwen3-14B",
-    "qwen3-32b": "Qwen/Qwen3-32B",
-    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
-}
-KNOWN = ", ".join([*ALIASES, "tiny", "tiny:<suite>", "tiny-expert:<game>"])
-
-
-class ModelError(RuntimeError):
-    """A one-line, user-facing error about a model name or a vocabulary mismatch."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loading
-
-
-def resolve(name: str) -> str:
-    """Alias, tiny model, local path or hub id -> something `from_pretrained` accepts."""
-    if name in ALIASES:
-        return ALIASES[name]
-    if name == "tiny" or name.startswith(("tiny:", "tiny-expert")):
-        from common import tiny  # lazy: building the tiny models needs the environments
-
-        return tiny.model_path(name)
-    if os.path.exists(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        return name
-    raise ModelError(f"unknown model {name!r}: use one of {KNOWN}, a hub id (org/name) or a local directory")
-
-
-def _from_pretrained(path: str, dtype: torch.dtype, local_only: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only), tokenizer
-
-
-def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-               trainable: bool = False):
-    """Load (model, tokenizer). dtype None = fp32 on CPU or for a trainable model (the optimizer keeps
-    fp32 weights; FSDP's MixedPrecisionPolicy computes in bf16), bf16 for a frozen model on GPU.
-    A frozen model is put in eval mode with requires_grad False."""
-    from huggingface_hub import constants
-
-    path = resolve(name_or_path)
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    if dtype is None:
-        dtype = torch.float32 if (trainable or on_cpu) else torch.bfloat16
-    # Try the local files (a directory or the hub cache) first: offline, the hub client would otherwise
-    # retry for half a minute before failing.
-    try:
-        model, tokenizer = _from_pretrained(path, dtype, local_only=True)
-    except OSError:
-        try:
-            if os.path.isdir(path) or constants.HF_HUB_OFFLINE:
-                raise OSError
-            model, tokenizer = _from_pretrained(path, dtype, local_only=False)
-        except OSError:
-            raise ModelError(f"model {name_or_path!r} ({path}) could not be found locally or downloaded "
-                             "from the hub") from None
-    if device is not None:
-        model.to(device)
-    if trainable:
-        model.train()
-    else:
-        model.eval().requires_grad_(False)
-    return model, tokenizer
-
-
-def _vocab(obj) -> tuple[int | None, int | None, dict | None]:
-    """(tokenizer length, output size, token->id dict) of a model, a tokenizer or a (model, tokenizer) pair."""
-    n_tok = n_out = vocab = None
-    for o in obj if isinstance(obj, (tuple, list)) else (obj,):
-        if hasattr(o, "get_output_embeddings"):
-            head = o.get_output_embeddings()
-            n_out = getattr(head, "out_features", None) or o.config.get_text_config().vocab_size
-        elif hasattr(o, "get_vocab"):
-            n_tok, vocab = len(o), o.get_vocab()
-    return n_tok, n_out, vocab
-
-
-def check_vocab(student, teacher, names: tuple[str, str] = ("student", "teacher")) -> None:
-    """Fail with a one-line error unless teacher and student share one vocabulary. Each side is a model,
-    a tokenizer or a (model, tokenizer) pair; tokenizers are compared by content, models by output size
-    (Qwen3 pads its 151,669-token vocabulary to 151,936 outputs, so the two numbers differ legitimately)."""
-    s_tok, s_out, s_vocab = _vocab(student)
-    t_tok, t_out, t_vocab = _vocab(teacher)
-    same_tok = s_vocab is None or t_vocab is None or s_vocab == t_vocab
-    same_out = s_out is None or t_out is None or s_out == t_out
-    if not (same_tok and same_out):
-        def size(n_tok, n_out):
-            return ", ".join(f"{n} {what}" for n, what in ((n_tok, "tokens"), (n_out, "outputs")) if n is not None)
-
-        extra = "" if (s_tok != t_tok or s_out != t_out) else " (same size, different tokens)"
-        raise ModelError(f"teacher {names[1]!r} vocabulary ({size(t_tok, t_out)}) differs from student "
-                         f"{names[0]!r} ({size(s_tok, s_out)}){extra}: distillation needs one shared tokenizer")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Scoring
-
+from common.dist import all_max
+from common.episode import pack_by_tokens
+from common.models import ModelError
 
 @dataclass
 class Scores:
@@ -223,18 +120,9 @@ def score_teacher(model, batch: dict[str, torch.Tensor], mask: torch.Tensor, mic
     device = next(model.parameters()).device
     ids, attn = batch["input_ids"], batch["attention_mask"]
     lengths = attn.sum(-1).clamp(min=1).tolist()
-    groups, start = [], 0  # greedy split of consecutive rows by token budget
-    for i in range(1, len(lengths)):
-        if (i - start + 1) * max(lengths[start:i + 1]) > micro_batch_tokens:
-            groups.append((start, i))
-            start = i
-    if lengths:
-        groups.append((start, len(lengths)))
-    n_calls = len(groups)
-    if _is_sharded(model):
-        n = torch.tensor([n_calls], device=device)
-        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-        n_calls = int(n.item())
+    groups = pack_by_tokens(lengths, micro_batch_tokens)  # consecutive rows
+    # under FSDP the sharded parameters are gathered collectively: every rank runs as many passes
+    n_calls = all_max(len(groups)) if _is_sharded(model) else len(groups)
 
     B, T = ids.shape
     V = model.get_output_embeddings().out_features if full else 0
@@ -244,7 +132,7 @@ def score_teacher(model, batch: dict[str, torch.Tensor], mask: torch.Tensor, mic
     fulls = []
     for j in range(n_calls):
         if j < len(groups):
-            a, b = groups[j]
+            a, b = groups[j][0], groups[j][-1] + 1
             L = max(lengths[a:b])  # right padding: cut the columns no row of this micro-batch uses
             s = token_logprobs(model, ids[a:b, :L].to(device), attn[a:b, :L].to(device), mask[a:b, :L].to(device),
                                topk=topk, full=full, chunk_size=chunk_size)

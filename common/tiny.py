@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 import envs
-from common.episode import STUDENT, Episode, TurnCache, collate, end_of_turn_id, generate_replies
+from common.episode import STUDENT, Episode, TurnCache, collate, end_of_turn_id, generate_replies, pack_by_tokens
 
 # The games of the embedded default with their expert's optimizer steps and learning rate, chosen by
 # measurement (held-out success of the tiny expert >= 90%; the README has the table). Coin is played
@@ -97,6 +97,9 @@ class Recipe:
     # episodes whose actions the student's random policy draws from where the env lists no valid actions)
     expert: ModelShape = ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, mlp=384)
     student: ModelShape = ModelShape(hidden=96, layers=3, heads=4, kv_heads=2, mlp=288)
+    # other students, `tiny-<variant>`: (variant, shape), trained like the default student (weaker students
+    # show whether a method's gain grows as the student shrinks, as the Guided-OPD paper reports)
+    student_variants: tuple = (("small", ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, mlp=192)),)
     expert_episodes: int = 800  # expert trajectories per game (train-split seeds)
     student_episodes: int = 300  # random-policy trajectories per game
     student_steps: int = 300
@@ -112,8 +115,37 @@ class Recipe:
     expert_target: float = 0.9  # validation success an expert must reach, else it is trained again ...
     expert_attempts: int = 3  # ... from another initialisation, at most this many times (the best is kept)
 
-    def key(self) -> str:
-        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+    def key(self, *fields: str, **extra) -> str:
+        """A hash of the recipe fields (and extra values) that determine one artefact."""
+        d = dataclasses.asdict(self)
+        return _hash({**{f: d[f] for f in fields}, **extra})
+
+    def tokenizer_key(self) -> str:
+        # the tokenizer is trained on the text of every game (left-out games included), not on the models
+        return self.key("version", "suite", "seed", "vocab_size", "tokenizer_episodes",
+                        specs=[g[1] for g in self.games] + [g[1] for g in self.left_out])
+
+    def expert_key(self, game: str) -> str:
+        k = next(i for i, g in enumerate(self.games) if g[0] == game)
+        return self.key("expert", "expert_episodes", "batch_tokens", "max_turns", "eval_episodes", "eval_batch",
+                        "val_episodes", "val_split", "val_first_seed", "val_every", "expert_target", "expert_attempts",
+                        game=self.games[k], index=k)
+
+    def student_key(self, variant: str = "") -> str:
+        return self.key("student_episodes", "student_steps", "lr", "batch_tokens", "max_turns", "tokenizer_episodes",
+                        "eval_episodes", "eval_batch", shape=dataclasses.asdict(self.student_shape(variant)),
+                        specs=[g[1] for g in self.games])
+
+    def student_shape(self, variant: str = "") -> ModelShape:
+        shapes = dict(self.student_variants)
+        if variant and variant not in shapes:
+            raise ValueError(f"no tiny student {'tiny-' + variant!r}; the students are: "
+                             + ", ".join(["tiny"] + [f"tiny-{v}" for v in shapes]))
+        return shapes[variant] if variant else self.student
+
+
+def _hash(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
 # Suites: each is its own tokenizer, its experts and its student, since an expert and the student it
@@ -137,14 +169,18 @@ FULL = SUITES["twx"]
 
 
 def smoke(r: Recipe) -> Recipe:
-    """The seconds-long version of a recipe: same games and code path, untrained models (for tests)."""
+    """The seconds-long version of a recipe, for tests: same games and code path, small models trained
+    briefly. The experts have learned the reply format and play valid, mostly wrong actions, so their
+    episodes end at different turns (a failed game ends it) and a test's episodes are not all alike; the
+    students have seen little (their replies are mostly invalid)."""
     expert_episodes = 8  # validation seeds of the train split come right after the training seeds
     return dataclasses.replace(
         r, expert=ModelShape(32, 1, 2, 1, 64), student=ModelShape(32, 1, 2, 1, 64), vocab_size=600,
-        games=tuple((g, spec, 2, lr) for g, spec, _, lr in r.games), left_out=(), tokenizer_episodes=4,
-        expert_episodes=expert_episodes, student_episodes=4, student_steps=2, eval_episodes=4, val_episodes=2,
-        val_every=1, val_first_seed=r.val_first_seed if r.val_split != "train" else expert_episodes, max_turns=6,
-        expert_attempts=1)
+        student_variants=tuple((v, ModelShape(16, 1, 2, 1, 32)) for v, _ in r.student_variants),
+        games=tuple((g, spec, 150, 5e-3) for g, spec, _, _ in r.games), left_out=(), tokenizer_episodes=4,
+        expert_episodes=expert_episodes, student_episodes=4, student_steps=100, eval_episodes=4, val_episodes=2,
+        val_every=10**6, val_first_seed=r.val_first_seed if r.val_split != "train" else expert_episodes, max_turns=6,
+        expert_attempts=1)  # validated once, at the end
 
 
 SMOKE = smoke(FULL)
@@ -162,8 +198,20 @@ def cache_root() -> str:
 
 
 def build_dir(r: Recipe | None = None) -> str:
+    """The suite's folder, named by what determines its tokenizer; each model in it has a folder named by
+    what determines that model, so a changed or added model rebuilds only itself."""
     r = r or recipe()
-    return os.path.join(cache_root(), f"tiny-{r.key()}")
+    return os.path.join(cache_root(), f"tiny-{r.suite}-{r.tokenizer_key()}")
+
+
+def artefact_dir(r: Recipe, what: str) -> str:
+    """Folder of `tokenizer`, `expert-<game>` or `student[-<variant>]` in the suite's build folder."""
+    if what == "tokenizer":
+        return os.path.join(build_dir(r), "tokenizer")
+    if what.startswith("expert-"):
+        return os.path.join(build_dir(r), f"{what}-{r.expert_key(what[len('expert-'):])}")
+    variant = what[len("student-"):] if what.startswith("student-") else ""
+    return os.path.join(build_dir(r), f"{what}-{r.student_key(variant)}")
 
 
 def _same_env(a: str, b: str) -> bool:
@@ -188,32 +236,33 @@ def expert_for(env_spec: str) -> str:
     return "tiny-expert:" + next(g for g, spec, _, _ in recipe(suite).games if _same_env(spec, env_spec))
 
 
-def student_for(env_spec: str) -> str:
+def student_for(env_spec: str, variant: str = "") -> str:
     """The tiny student that shares a tokenizer with the env's tiny expert: `tiny` (the default suite's,
-    also for envs without a tiny expert) or `tiny:<suite>`."""
+    also for envs without a tiny expert) or `tiny:<suite>`; `tiny-<variant>[:<suite>]` for another student."""
     suite = suite_of(env_spec)
-    return "tiny" if suite in (None, "twx") else f"tiny:{suite}"
+    name = f"tiny-{variant}" if variant else "tiny"
+    return name if suite in (None, "twx") else f"{name}:{suite}"
 
 
 def model_path(name: str) -> str:
-    """Local folder of `tiny[:<suite>]` (a student), `tiny-expert:<game>` or `tokenizer[:<suite>]`;
-    builds the suite on first use."""
+    """Local folder of `tiny[-<variant>][:<suite>]` (a student), `tiny-expert:<game>` or `tokenizer[:<suite>]`.
+    Builds what is missing of it on first use: the tokenizer, and that one model (not the whole suite)."""
     kind, _, arg = name.partition(":")
     experts = {g: suite for suite in SUITES for g, _, _, _ in recipe(suite).games}
-    if kind in ("tiny", "tokenizer"):
-        r = recipe(arg or "twx")
-        sub = "student" if kind == "tiny" else "tokenizer"
-    elif kind == "tiny-expert":
+    if kind == "tiny-expert":
         if arg not in experts:
             raise ValueError(f"no tiny expert for game {arg!r}; the tiny experts are: {', '.join(experts)}")
-        r, sub = recipe(experts[arg]), f"expert-{arg}"
+        r, what = recipe(experts[arg]), f"expert-{arg}"
+    elif kind == "tokenizer" or kind == "tiny" or kind.startswith("tiny-"):
+        r = recipe(arg or "twx")
+        what = "tokenizer" if kind == "tokenizer" else "student" + kind[len("tiny"):]
+        if what != "tokenizer":
+            r.student_shape(kind[len("tiny-"):] if kind.startswith("tiny-") else "")  # an unknown variant fails here
     else:
-        raise ValueError(f"unknown tiny model {name!r}; use tiny[:<{'|'.join(SUITES)}>] or "
+        raise ValueError(f"unknown tiny model {name!r}; use tiny[-<variant>][:<{'|'.join(SUITES)}>] or "
                          f"tiny-expert:<{'|'.join(experts)}>")
-    path = os.path.join(build_dir(r), sub)
-    if not os.path.exists(os.path.join(path, "config.json" if sub != "tokenizer" else "tokenizer.json")):
-        build(r)
-    return path
+    build(r, only=[what], table=False)
+    return artefact_dir(r, what)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,19 +423,12 @@ def batches_by_tokens(episodes: list[Episode], batch_tokens: int, rng: random.Ra
     """Endless shuffled batches of whole episodes, about `batch_tokens` (padded) tokens each."""
     if not episodes:
         raise ValueError("no episodes to train on")
+    lengths = [len(e) for e in episodes]
     while True:
         order = list(range(len(episodes)))
         rng.shuffle(order)
-        batch, longest = [], 0
-        for i in order:
-            n = len(episodes[i])
-            if batch and max(longest, n) * (len(batch) + 1) > batch_tokens:
-                yield batch
-                batch, longest = [], 0
-            batch.append(episodes[i])
-            longest = max(longest, n)
-        if batch:
-            yield batch
+        for group in pack_by_tokens(lengths, batch_tokens, order):
+            yield [episodes[i] for i in group]
 
 
 def train_sft(model, episodes: list[Episode], steps: int, lr: float, r: Recipe, pad_id: int, desc: str, seed: int,
@@ -509,72 +551,117 @@ def _save_atomic(model, tokenizer, path: str, extra: dict):
     os.replace(tmp, path)
 
 
-def build(r: Recipe | None = None, verbose: bool = True) -> dict:
-    """Build whatever is missing of the recipe's tokenizer, experts and student; return the table."""
+def _log(verbose: bool):
+    return (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
+
+
+def _tokenizer(r: Recipe, log):
     from transformers import AutoTokenizer
 
-    r = r or recipe()
-    root = build_dir(r)
-    os.makedirs(root, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
-    tok_path = os.path.join(root, "tokenizer")
-    if not os.path.exists(os.path.join(tok_path, "tokenizer.json")):
-        log(f"[tiny] building the tokenizer in {root}")
-        tmp = tok_path + ".tmp"
+    path = artefact_dir(r, "tokenizer")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        log(f"[tiny] building the tokenizer in {build_dir(r)}")
+        os.makedirs(build_dir(r), exist_ok=True)
+        tmp = path + ".tmp"
         build_tokenizer(r, tmp)
-        os.replace(tmp, tok_path)
-    tokenizer = AutoTokenizer.from_pretrained(tok_path)
-    pad = tokenizer.pad_token_id
-    heldout = range(r.eval_episodes)
-    table = {}
-    for k, (game, spec, steps, lr) in enumerate(r.games):
-        path = os.path.join(root, f"expert-{game}")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            t0 = time.time()
-            trajs = play(spec, range(r.expert_episodes), "oracle", r.max_turns, random.Random(r.seed))
-            # only successful expert episodes (all of them if none succeeded, as in the smoke recipe)
-            episodes = [render(tokenizer, t) for t in trajs if t.success] or [render(tokenizer, t) for t in trajs]
-            val_seeds = range(r.val_first_seed, r.val_first_seed + r.val_episodes)  # disjoint from the table's
-            best = None  # (validation success, model): a failed attempt is retried from another initialisation
-            for attempt in range(r.expert_attempts):
-                model = new_model(r.expert, len(tokenizer), r.seed + 1 + k + 1000 * attempt)
-                _, val = train_sft(model, episodes, steps, lr, r, pad, f"expert {game} (attempt {attempt + 1})",
-                                   r.seed + k + 1000 * attempt,
-                                   validate=lambda m: evaluate(m, tokenizer, spec, val_seeds, r.max_turns, r.val_split,
-                                                             r.eval_batch)["success_rate"])
-                log(f"[tiny] expert {game}, attempt {attempt + 1}: validation success {val:.2f}")
-                if best is None or val > best[0]:
-                    best = (val, model)
-                if val >= r.expert_target:
-                    break
-            model = best[1]
-            ev = evaluate(model, tokenizer, spec, heldout, r.max_turns, batch=r.eval_batch)
-            close_env_pools()
-            _save_atomic(model, tokenizer, path, {"game": game, "env": spec, "heldout": ev,
-                                                  "train_seconds": time.time() - t0})
-            log(f"[tiny] expert {game}: held-out success {ev['success_rate']:.2f} ({time.time() - t0:.0f}s)")
-        table.setdefault(game, {})["teacher"] = json.load(open(os.path.join(path, "tiny.json")))["heldout"]
-    path = os.path.join(root, "student")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        t0 = time.time()
-        rng = random.Random(r.seed + 100)
-        episodes = []
-        for game, spec, _, _ in r.games:  # the actions the oracle uses, for envs that list no valid actions
-            pool = action_pool(play(spec, range(r.tokenizer_episodes), "oracle", r.max_turns, rng))
-            episodes += [render(tokenizer, t)
-                         for t in play(spec, range(r.student_episodes), "random", r.max_turns, rng, actions=pool)]
-        model = new_model(r.student, len(tokenizer), r.seed + 100)
-        train_sft(model, episodes, r.student_steps, r.lr, r, pad, "student", r.seed + 100)
-        ev = {}
-        for game, spec, _, _ in r.games:
-            ev[game] = evaluate(model, tokenizer, spec, heldout, r.max_turns, batch=r.eval_batch)
-            close_env_pools()
-        _save_atomic(model, tokenizer, path, {"heldout": ev, "train_seconds": time.time() - t0})
-        log(f"[tiny] student: held-out success " + ", ".join(f"{g} {v['success_rate']:.2f}" for g, v in ev.items()))
-    for game, ev in json.load(open(os.path.join(path, "tiny.json")))["heldout"].items():
-        table.setdefault(game, {})["student"] = ev
-    return table
+        os.replace(tmp, path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _build_expert(r: Recipe, k: int, tokenizer, log) -> None:
+    """Supervised training on the oracle's successful episodes, keeping the weights that do best on the
+    validation seeds, retrained from another initialisation while validation stays below the target."""
+    game, spec, steps, lr = r.games[k]
+    t0 = time.time()
+    trajs = play(spec, range(r.expert_episodes), "oracle", r.max_turns, random.Random(r.seed))
+    # only successful expert episodes (all of them if none succeeded, as in the smoke recipe)
+    episodes = [render(tokenizer, t) for t in trajs if t.success] or [render(tokenizer, t) for t in trajs]
+    val_seeds = range(r.val_first_seed, r.val_first_seed + r.val_episodes)  # disjoint from the table's
+    best = None  # (validation success, model): a failed attempt is retried from another initialisation
+    for attempt in range(r.expert_attempts):
+        model = new_model(r.expert, len(tokenizer), r.seed + 1 + k + 1000 * attempt)
+        _, val = train_sft(model, episodes, steps, lr, r, tokenizer.pad_token_id, f"expert {game} (attempt {attempt + 1})",
+                           r.seed + k + 1000 * attempt,
+                           validate=lambda m: evaluate(m, tokenizer, spec, val_seeds, r.max_turns, r.val_split,
+                                                     r.eval_batch)["success_rate"])
+        log(f"[tiny] expert {game}, attempt {attempt + 1}: validation success {val:.2f}")
+        if best is None or val > best[0]:
+            best = (val, model)
+        if val >= r.expert_target:
+            break
+    model = best[1]
+    ev = evaluate(model, tokenizer, spec, range(r.eval_episodes), r.max_turns, batch=r.eval_batch)
+    close_env_pools()
+    _save_atomic(model, tokenizer, artefact_dir(r, f"expert-{game}"),
+                 {"game": game, "env": spec, "heldout": ev, "train_seconds": time.time() - t0})
+    log(f"[tiny] expert {game}: held-out success {ev['success_rate']:.2f} ({time.time() - t0:.0f}s)")
+
+
+def _build_student(r: Recipe, variant: str, tokenizer, log) -> None:
+    """Brief supervised training on a random policy's episodes of every game: the format, not the tasks.
+    (Its held-out success, for the table, is measured when the table asks for it: a first run does not wait.)"""
+    t0 = time.time()
+    rng = random.Random(r.seed + 100)
+    episodes = []
+    for game, spec, _, _ in r.games:  # the actions the oracle uses, for envs that list no valid actions
+        pool = action_pool(play(spec, range(r.tokenizer_episodes), "oracle", r.max_turns, rng))
+        episodes += [render(tokenizer, t)
+                     for t in play(spec, range(r.student_episodes), "random", r.max_turns, rng, actions=pool)]
+    model = new_model(r.student_shape(variant), len(tokenizer), r.seed + 100)
+    name = f"tiny-{variant}" if variant else "tiny"
+    train_sft(model, episodes, r.student_steps, r.lr, r, tokenizer.pad_token_id, f"student {name}", r.seed + 100)
+    _save_atomic(model, tokenizer, artefact_dir(r, "student" + (f"-{variant}" if variant else "")),
+                 {"train_seconds": time.time() - t0})
+    log(f"[tiny] student {name}: trained ({time.time() - t0:.0f}s)")
+
+
+def _heldout(r: Recipe, what: str, tokenizer) -> dict:
+    """Held-out success of a built model ({game: rates}; a student on every game), measured once and kept
+    in its folder's tiny.json."""
+    path = artefact_dir(r, what)
+    with open(os.path.join(path, "tiny.json")) as f:
+        info = json.load(f)
+    if "heldout" not in info:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        info["heldout"] = {game: evaluate(model, tokenizer, spec, range(r.eval_episodes), r.max_turns, batch=r.eval_batch)
+                           for game, spec, _, _ in r.games}
+        close_env_pools()
+        with open(os.path.join(path, "tiny.json"), "w") as f:
+            json.dump(info, f, indent=1)
+    return info["heldout"] if not what.startswith("expert-") else {what[len("expert-"):]: info["heldout"]}
+
+
+def artefacts(r: Recipe) -> list[str]:
+    """Everything a suite builds: `expert-<game>` for each game, `student`, `student-<variant>`."""
+    return [f"expert-{g[0]}" for g in r.games] + ["student"] + [f"student-{v}" for v, _ in r.student_variants]
+
+
+def build(r: Recipe | None = None, verbose: bool = True, only: list[str] | None = None, table: bool = True) -> dict:
+    """Build what is missing of the recipe's tokenizer and models (all of `artefacts(r)`, or those named in
+    `only`); with `table`, return their held-out success: {game: {"teacher": ..., "student": ...,
+    "student-<variant>": ...}}."""
+    r = r or recipe()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    log = _log(verbose)
+    wanted = artefacts(r) if only is None else [w for w in only if w != "tokenizer"]
+    unknown = set(wanted) - set(artefacts(r))
+    if unknown:
+        raise ValueError(f"the tiny suite {r.suite!r} builds no {sorted(unknown)}; it builds {artefacts(r)}")
+    tokenizer = _tokenizer(r, log)
+    for what in wanted:
+        if os.path.exists(os.path.join(artefact_dir(r, what), "config.json")):
+            continue
+        if what.startswith("expert-"):
+            _build_expert(r, next(k for k, g in enumerate(r.games) if f"expert-{g[0]}" == what), tokenizer, log)
+        else:
+            _build_student(r, what[len("student-"):] if what.startswith("student-") else "", tokenizer, log)
+    rows = {}
+    for what in wanted if table else ():
+        for game, ev in _heldout(r, what, tokenizer).items():
+            rows.setdefault(game, {})["teacher" if what.startswith("expert-") else what] = ev
+    return rows
 
 
 def main():
@@ -587,10 +674,13 @@ def main():
     t0 = time.time()
     table = build(r)
     print(f"tiny suite {r.suite} in {build_dir(r)} ({time.time() - t0:.0f}s)")
-    print(f"{'game':<18} {'env':<52} {'teacher':>8} {'student':>8}   (held-out success, {r.eval_episodes} seeds)")
+    students = ["student"] + [f"student-{v}" for v, _ in r.student_variants]
+    print(f"{'game':<18} {'env':<52} {'teacher':>8} " + " ".join(f"{s:>14}" for s in students)
+          + f"   (held-out success, {r.eval_episodes} seeds)")
     for game, spec, _, _ in r.games:
         row = table[game]
-        print(f"{game:<18} {spec:<52} {row['teacher']['success_rate']:>8.2f} {row['student']['success_rate']:>8.2f}")
+        print(f"{game:<18} {spec:<52} {row['teacher']['success_rate']:>8.2f} "
+              + " ".join(f"{row[s]['success_rate']:>14.2f}" for s in students))
     if r.left_out:
         print("left out of the suite (tiny expert's held-out success when tried):")
         for game, spec, why in r.left_out:

@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from common.teacher import ALIASES, ModelError, Teachers, check_vocab, load_model, resolve, score_teacher, token_logprobs
+from common.models import ALIASES, ModelError, check_vocab, load_model, resolve
+from common.teacher import Teachers, score_teacher, token_logprobs
 
 V = 300
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,7 +188,7 @@ def test_unknown_alias_is_one_line_listing_aliases():
 
 
 def test_unreachable_hub_id_is_one_line():
-    code = ("from common.teacher import load_model\n"
+    code = ("from common.models import load_model\n"
             "try:\n    load_model('nobody-xyz/not-a-model')\nexcept Exception as e:\n    print(type(e).__name__, '|', e)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -1,48 +1,91 @@
-"""The embedded tiny default on its smoke recipe: built once, cached, loadable, deterministic, and the
-names that select it."""
+"""The embedded tiny default on its smoke recipe: built on demand (only what a run asks for), cached,
+loadable, deterministic across processes, and the names that select it."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import tiny
-from common.teacher import load_model
+from common.models import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_build_is_cached_and_loadable():
+    r = tiny.recipe()
     table = tiny.build()
-    assert set(table) == {g[0] for g in tiny.recipe().games}
+    assert set(table) == {g[0] for g in r.games}
+    assert all(set(row) == {"teacher", "student", "student-small"} for row in table.values())
     t0 = time.time()
     tiny.build()  # a second call finds everything on disk
     assert time.time() - t0 < 5
-    for name in ["tiny"] + [f"tiny-expert:{g[0]}" for g in tiny.recipe().games]:
+    tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
+    for name in ["tiny", "tiny-small"] + [f"tiny-expert:{g[0]}" for g in r.games]:
         model = AutoModelForCausalLM.from_pretrained(tiny.model_path(name))
-        assert model.config.vocab_size == tiny.recipe().vocab_size or model.config.vocab_size > 100
-    student, tok = load_model("tiny")
+        assert model.config.vocab_size == len(tok), name
+    student, _ = load_model("tiny")
+    small, _ = load_model("tiny-small")
     teacher, _ = load_model("tiny-expert:coin")
-    assert student.config.vocab_size == teacher.config.vocab_size == len(tok)
-    assert sum(p.numel() for p in student.parameters()) <= sum(p.numel() for p in teacher.parameters())
+    size = [sum(p.numel() for p in m.parameters()) for m in (small, student, teacher)]
+    assert size[0] < size[1] <= size[2]
 
 
-def test_build_is_deterministic(tmp_path, monkeypatch):
-    r = dataclasses.replace(tiny.SMOKE, games=(("simonsays", "twx:simonsays", 2, 5e-3),))
-    weights = []
-    for k in range(2):
-        monkeypatch.setenv("AGENT_DISTILL_CACHE", str(tmp_path / str(k)))
-        tiny.build(r, verbose=False)
-        model = AutoModelForCausalLM.from_pretrained(os.path.join(tiny.build_dir(r), "expert-simonsays"))
-        weights.append(model.state_dict())
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+def test_a_run_builds_only_what_it_uses(tmp_path, monkeypatch):
+    """A newcomer's first run builds the tokenizer, the student and the one expert it uses, not the suite."""
+    monkeypatch.setenv("AGENT_DISTILL_CACHE", str(tmp_path))
+    tiny.model_path("tiny-expert:simonsays")
+    root = tiny.build_dir(tiny.recipe())
+    assert sorted(f.rsplit("-", 1)[0] for f in os.listdir(root)) == ["expert-simonsays", "tokenizer"]
+    tiny.model_path("tiny")
+    assert sorted(f.rsplit("-", 1)[0] for f in os.listdir(root)) == ["expert-simonsays", "student", "tokenizer"]
 
 
-def test_recipe_change_means_a_new_folder():
-    assert tiny.build_dir(tiny.SMOKE) != tiny.build_dir(dataclasses.replace(tiny.SMOKE, seed=1))
+def test_a_changed_model_rebuilds_only_itself():
+    r = tiny.SMOKE
+    other_expert = dataclasses.replace(r, games=((r.games[0][0], r.games[0][1], 3, 1e-3),) + r.games[1:])
+    assert tiny.build_dir(other_expert) == tiny.build_dir(r)  # same tokenizer
+    assert tiny.artefact_dir(other_expert, "expert-simonsays") != tiny.artefact_dir(r, "expert-simonsays")
+    assert tiny.artefact_dir(other_expert, "expert-coin") == tiny.artefact_dir(r, "expert-coin")
+    assert tiny.artefact_dir(other_expert, "student") == tiny.artefact_dir(r, "student")
+    assert tiny.build_dir(dataclasses.replace(r, seed=1)) != tiny.build_dir(r)
+    assert tiny.artefact_dir(r, "student-small") != tiny.artefact_dir(r, "student")
+
+
+_BUILD = """
+import dataclasses, hashlib, sys
+from common import tiny
+r = dataclasses.replace(tiny.SMOKE, games=(("simonsays", "twx:simonsays", 20, 5e-3),), student_steps=5)
+tiny.build(r, verbose=False)
+h = hashlib.sha1()
+for what in ("tokenizer", "expert-simonsays", "student"):
+    folder = tiny.artefact_dir(r, what)
+    for f in sorted(("tokenizer.json", "model.safetensors")):
+        try:
+            h.update(open(folder + "/" + f, "rb").read())
+        except FileNotFoundError:
+            pass
+print(h.hexdigest())
+"""
+
+
+def test_build_is_deterministic_across_processes(tmp_path):
+    """Two processes with different hash seeds (Python's set and dict orders) build the same bytes."""
+    digests = []
+    for k, hashseed in enumerate(("1", "12345")):
+        env = dict(os.environ, AGENT_DISTILL_CACHE=str(tmp_path / str(k)), PYTHONHASHSEED=hashseed,
+                   PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+        out = subprocess.run([sys.executable, "-c", _BUILD], env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        digests.append(out.stdout.strip().splitlines()[-1])
+    assert digests[0] == digests[1]
 
 
 def test_expert_and_student_names():
@@ -51,12 +94,15 @@ def test_expert_and_student_names():
     assert tiny.expert_for("gem:guessthenumber:hard") == "tiny-expert:guessthenumber"
     assert tiny.student_for("twx:simonsays") == tiny.student_for("twx:sorting") == "tiny"
     assert tiny.student_for("gem:guessthenumber:hard") == "tiny:gem"
+    assert tiny.student_for("gem:guessthenumber:hard", variant="small") == "tiny-small:gem"
     with pytest.raises(ValueError, match="pass --teacher"):
         tiny.expert_for("twx:sorting")
     with pytest.raises(ValueError, match="no tiny expert for game 'chess'"):
         tiny.model_path("tiny-expert:chess")
     with pytest.raises(ValueError, match="unknown tiny suite 'chess'"):
         tiny.model_path("tiny:chess")
+    with pytest.raises(ValueError, match="no tiny student 'tiny-huge'"):
+        tiny.model_path("tiny-huge")
 
 
 @pytest.mark.parametrize("suite", ["gem", "scienceworld"])
@@ -64,10 +110,11 @@ def test_any_env_with_an_oracle_gets_a_suite(suite):
     """GEM and ScienceWorld list no valid actions: the student's random play draws from the oracle's
     actions. Each suite has its own tokenizer, shared by its experts and its student."""
     r = tiny.recipe(suite)
-    table = tiny.build(r, verbose=False)
     game, spec = r.games[0][:2]
+    table = tiny.build(r, verbose=False, only=[f"expert-{game}", "student"])
     assert set(table) == {game} and set(table[game]) == {"teacher", "student"}
     student, tok = load_model(tiny.student_for(spec))
     teacher, teacher_tok = load_model(tiny.expert_for(spec))
     assert tok.get_vocab() == teacher_tok.get_vocab()
     assert tok.get_vocab() != load_model("tiny")[1].get_vocab()  # not the default suite's tokenizer
+    assert student.config.vocab_size == teacher.config.vocab_size == len(tok)

@@ -1,0 +1,63 @@
+"""Process groups and rank reductions, so one code path runs as a plain process and under torchrun.
+
+`setup()` starts the process group: under `torchrun` the one it describes; as a plain `python script.py` a
+group of one rank on a free local port, so FSDP2 and the reductions below work unchanged. The reductions
+take and return dicts of named numbers (the training scripts log named sums, never list positions), and
+skip the collective when there is only one rank.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+_DEVICE = torch.device("cpu")  # where the reduction tensors live: the rank's GPU with NCCL, else the CPU
+
+
+def setup() -> tuple[int, int, torch.device]:
+    """Start the process group; returns (rank, world size, this rank's device)."""
+    global _DEVICE
+    if "RANK" not in os.environ:  # plain `python script.py`: a process group of one, on a free port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    _DEVICE = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), _DEVICE
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _reduce(values: dict[str, float], op) -> dict[str, float]:
+    if world_size() == 1:
+        return {k: float(v) for k, v in values.items()}
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_DEVICE)
+    dist.all_reduce(t, op=op)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_sum(values: dict[str, float]) -> dict[str, float]:
+    """Each named number summed over the ranks (every rank must call it with the same names)."""
+    return _reduce(values, dist.ReduceOp.SUM if dist.is_available() else None)
+
+
+def all_max(value: int) -> int:
+    """The largest of the ranks' values: how many collective calls every rank must make to stay in step."""
+    return int(_reduce({"v": value}, dist.ReduceOp.MAX if dist.is_available() else None)["v"])
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,154 @@
+"""Model names and loading, resolved in one place: aliases, hub ids, local folders and the tiny models.
+
+`load_model(name)` returns (model, tokenizer) for an alias (`qwen3-1.7b` -> `Qwen/Qwen3-1.7B`), a hub id, a
+local folder, or a tiny model of the embedded default (`tiny`, `tiny-expert:<game>`; built on first use by
+common/tiny.py). `check_vocab` refuses a teacher whose vocabulary differs from the student's.
+`fill_defaults` gives the scripts' "auto" arguments their tiny or real-model values.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+ALIASES = {
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3-1.7b": "Qwen/Qwen3-1.7B",
+    "qwen3-4b": "Qwen/Qwen3-4B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "qwen3-14b": "Qwen/Qwen3-14B",
+    "qwen3-32b": "Qwen/Qwen3-32B",
+    "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+}
+KNOWN = ", ".join([*ALIASES, "tiny", "tiny-small", "tiny:<suite>", "tiny-expert:<game>"])
+
+
+def is_tiny(name: str) -> bool:
+    """A model of the embedded default (common/tiny.py): `tiny[-<variant>][:<suite>]`, `tiny-expert:<game>`."""
+    return re.fullmatch(r"tiny(-[\w]+)?(:[\w.-]+)?", name) is not None
+
+
+class ModelError(RuntimeError):
+    """A one-line, user-facing error about a model name or a vocabulary mismatch."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve(name: str) -> str:
+    """Alias, tiny model, local path or hub id -> something `from_pretrained` accepts."""
+    if name in ALIASES:
+        return ALIASES[name]
+    if is_tiny(name):
+        from common import tiny  # lazy: building the tiny models needs the environments
+
+        return tiny.model_path(name)
+    if os.path.exists(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return name
+    raise ModelError(f"unknown model {name!r}: use one of {KNOWN}, a hub id (org/name) or a local directory")
+
+
+def _from_pretrained(path: str, dtype: torch.dtype, local_only: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only), tokenizer
+
+
+def load_model(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               trainable: bool = False):
+    """Load (model, tokenizer). dtype None = fp32 on CPU or for a trainable model (the optimizer keeps
+    fp32 weights; FSDP's MixedPrecisionPolicy computes in bf16), bf16 for a frozen model on GPU.
+    A frozen model is put in eval mode with requires_grad False."""
+    from huggingface_hub import constants
+
+    path = resolve(name_or_path)
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if dtype is None:
+        dtype = torch.float32 if (trainable or on_cpu) else torch.bfloat16
+    # Try the local files (a directory or the hub cache) first: offline, the hub client would otherwise
+    # retry for half a minute before failing.
+    try:
+        model, tokenizer = _from_pretrained(path, dtype, local_only=True)
+    except OSError:
+        try:
+            if os.path.isdir(path) or constants.HF_HUB_OFFLINE:
+                raise OSError
+            model, tokenizer = _from_pretrained(path, dtype, local_only=False)
+        except OSError:
+            raise ModelError(f"model {name_or_path!r} ({path}) could not be found locally or downloaded "
+                             "from the hub") from None
+    if device is not None:
+        model.to(device)
+    if trainable:
+        model.train()
+    else:
+        model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def _vocab(obj) -> tuple[int | None, int | None, dict | None]:
+    """(tokenizer length, output size, token->id dict) of a model, a tokenizer or a (model, tokenizer) pair."""
+    n_tok = n_out = vocab = None
+    for o in obj if isinstance(obj, (tuple, list)) else (obj,):
+        if hasattr(o, "get_output_embeddings"):
+            head = o.get_output_embeddings()
+            n_out = getattr(head, "out_features", None) or o.config.get_text_config().vocab_size
+        elif hasattr(o, "get_vocab"):
+            n_tok, vocab = len(o), o.get_vocab()
+    return n_tok, n_out, vocab
+
+
+def check_vocab(student, teacher, names: tuple[str, str] = ("student", "teacher")) -> None:
+    """Fail with a one-line error unless teacher and student share one vocabulary. Each side is a model,
+    a tokenizer or a (model, tokenizer) pair; tokenizers are compared by content, models by output size
+    (Qwen3 pads its 151,669-token vocabulary to 151,936 outputs, so the two numbers differ legitimately)."""
+    s_tok, s_out, s_vocab = _vocab(student)
+    t_tok, t_out, t_vocab = _vocab(teacher)
+    same_tok = s_vocab is None or t_vocab is None or s_vocab == t_vocab
+    same_out = s_out is None or t_out is None or s_out == t_out
+    if not (same_tok and same_out):
+        def size(n_tok, n_out):
+            return ", ".join(f"{n} {what}" for n, what in ((n_tok, "tokens"), (n_out, "outputs")) if n is not None)
+
+        extra = "" if (s_tok != t_tok or s_out != t_out) else " (same size, different tokens)"
+        raise ModelError(f"teacher {names[1]!r} vocabulary ({size(t_tok, t_out)}) differs from student "
+                         f"{names[0]!r} ({size(s_tok, s_out)}){extra}: distillation needs one shared tokenizer")
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a run uses
+
+
+def student_name(name: str, env: str) -> str:
+    """`tiny` (or a variant, `tiny-small`) is the tiny student that shares a tokenizer with `env`'s tiny
+    expert (its suite's: `tiny:gem` for a GEM env); any other name is used as given."""
+    if is_tiny(name) and not name.startswith("tiny-expert") and ":" not in name:
+        from common import tiny
+
+        return tiny.student_for(env, variant=name[len("tiny-"):] if name.startswith("tiny-") else "")
+    return name
+
+
+def teacher_name(name: str | None, student: str, env: str, real_default: str) -> str:
+    """The teacher of a run: `tiny-expert` is `env`'s tiny expert; None is that for a tiny student and
+    `real_default` for a real one (a tiny teacher could never share a real student's vocabulary)."""
+    if name == "tiny-expert" or (name is None and is_tiny(student)):
+        from common import tiny
+
+        try:
+            return tiny.expert_for(env)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
+    return name if name is not None else real_default
+
+
+def fill_defaults(args, tiny: dict, real: dict) -> None:
+    """Give every argument left at None ("auto") its value for the kind of student the run trains: the
+    tiny embedded default's, or a real model's. The two tables live in each script, next to its Args."""
+    for key, value in (tiny if is_tiny(args.student) else real).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
