@@ -2,38 +2,30 @@
 
 Paper: "On-Policy Distillation with Curriculum Turn-level Guidance for Multi-turn Agents", arXiv 2606.15912.
 
-Plain on-policy distillation (OPD) lets the student play whole episodes and trains every student token
-towards the teacher. In multi-turn tasks a weak student's early mistakes compound: its trajectories drift
-to states where the teacher's signal is unreliable. Guided-OPD lets the teacher write some turns: at every
-turn, independently, the teacher writes the whole turn with probability beta, else the student does;
-either way the turn is executed and becomes shared history.
+In multi-turn on-policy distillation (OPD) a weak student's early mistakes compound: its episodes drift to
+states where the teacher's signal is unreliable. Guided-OPD lets the teacher write some turns: at every turn,
+independently, the teacher writes the whole turn with probability beta, else the student; either way the
+turn is executed and becomes shared history. beta decays from 1 to 0 along a cosine, reaching 0 at 80% of
+training (then plain OPD). Evaluation uses beta = 0. No environment reward is used.
+- Student turns: sampled-token reverse KL, A_t = stopgrad(log pi_t(y_t) - log pi_s(y_t)), loss_t = -A_t log
+  pi_s(y_t) (in expectation over the student's samples, the gradient of KL(pi_s || pi_t)).
+- Teacher turns: forward KL with only the teacher's sampled tokens known = cross-entropy, -log pi_s(y_t).
+- The paper's L = (1 - beta) J_rKL + beta J_fKL: `--role-weighting tokens` (default) is one token mean over
+  both roles (each role weighs its share of the tokens: (1 - beta) : beta when turns are equally long);
+  `beta` weighs a token mean per role by (1 - beta) and beta. The paper does not say which.
 
-- Student turns: sampled-token reverse KL as a per-token advantage,
-  A_t = stopgrad(log pi_t(y_t) - log pi_s(y_t)), loss_t = -A_t log pi_s(y_t) (its expected gradient under
-  the student's own samples is the gradient of KL(pi_s || pi_t)).
-- Teacher turns: forward KL on the teacher's sampled tokens = cross-entropy, loss_t = -log pi_s(y_t).
-- The paper's L = (1 - beta) J_rKL + beta J_fKL: by default (`--role-weighting tokens`) both terms are token
-  means over one batch, so each role weighs its share of the tokens, (1 - beta) : beta in expectation when
-  both roles write turns of the same length; `--role-weighting beta` takes a token mean per role and weighs
-  the two means by (1 - beta) and beta exactly. The paper does not say which.
-- Curriculum: beta decays from 1 to 0 along a cosine, reaching 0 at 80% of training, then plain OPD.
-  Evaluation always uses beta = 0 (the student alone). No environment reward is used for training.
+Open choices, as flags: --num-minibatches optimizer steps per rollout batch; for the later ones the sampled
+form can weigh tokens by the importance ratio to the rollout student, clipped as PPO (`--ratio-clip`), and
+clip its advantage (`--adv-clip`, as MOPD); the exact full-vocabulary losses (`--student-loss full`,
+`--teacher-loss full`) for local teachers; `--teacher-loss none`; `--curriculum step` (beta 1, then 0).
+Arguments left at None are "auto": the tiny default's values with a tiny student, the real-model values
+otherwise (the TINY and REAL tables below the Args). Rollouts sample at temperature 1, since the sampled
+losses use the log-probs of the untempered models.
 
-Choices the paper leaves open, as flags: each rollout batch is split into --num-minibatches mini-batches,
-one optimizer step each (a mini-batch's loss is the token mean over its trained tokens on every rank);
-the later steps reuse the batch, so the sampled form can weigh its tokens by the importance ratio
-pi_s / pi_s(rollout), clipped as in PPO (`--ratio-clip`), and clip its advantage (`--adv-clip`, as MOPD);
-the exact full-vocabulary losses (`--student-loss full`, `--teacher-loss full`) for local teachers;
-`--teacher-loss none` (teacher turns are context only); `--curriculum step` (beta 1, then 0: off-policy
-then on-policy). Arguments left at None are "auto": the embedded tiny default's values with the tiny
-models, the real-model values (the papers' settings) otherwise; both tables are below the Args.
-Rollouts sample at temperature 1: the log-probs in the sampled losses are of the untempered models.
-
-Run:
     python guided_opd.py                                   # embedded tiny default, CPU, minutes
     python guided_opd.py --beta-start 0                    # vanilla OPD, the baseline
     torchrun --nproc_per_node 8 guided_opd.py --student qwen3-1.7b                 # teacher qwen3-8b
-    torchrun --nproc_per_node 8 guided_opd.py --student qwen3-1.7b --teacher qwen3-30b-a3b --env alfworld \\
+    torchrun --nproc_per_node 8 guided_opd.py --student qwen3-1.7b --teacher qwen3-30b-a3b --env alfworld \
         --max-turns 30 --num-envs 8
 """
 
@@ -46,7 +38,6 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import tyro
 
@@ -55,8 +46,9 @@ from common import checkpoint
 from common.dist import all_max, all_sum, cleanup, setup
 from common.episode import (STUDENT, TEACHER, Episode, TurnCache, collate, end_of_turn_id, episode_means,
                             episode_sums, generate_replies, pack_by_tokens)
-from common.models import ModelError, check_vocab, fill_defaults, load_model, student_name, teacher_name
-from common.runs import check_rollout_args, evaluate, gathered, log_scalars, open_writer, run_name, trajectory_text
+from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
+from common.runs import (check_rollout_args, evaluate, gathered, log_scalars, open_writer, run_name, seed_everything,
+                         trajectory_text)
 from common.teacher import score_teacher, token_logprobs
 
 
@@ -188,11 +180,7 @@ def lr_at(iteration: int, args: Args) -> float:
     if iteration < args.warmup_iterations:
         return args.learning_rate * (iteration + 1) / args.warmup_iterations
     p = (iteration - args.warmup_iterations) / max(1, args.total_iterations - args.warmup_iterations)
-    if args.lr_schedule == "cosine":
-        return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * p))
-    if args.lr_schedule == "linear":
-        return args.learning_rate * (1.0 - p)
-    return args.learning_rate
+    return args.learning_rate * {"constant": 1.0, "cosine": 0.5 * (1.0 + math.cos(math.pi * p)), "linear": 1.0 - p}[args.lr_schedule]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,6 +188,14 @@ def lr_at(iteration: int, args: Args) -> float:
 # probability beta); both models generate their episodes' turns in a batch; the env steps; the tokens
 # are appended to one sequence per episode with their role, so the loss knows who wrote what.
 # ----------------------------------------------------------------------------------------------------
+def truncate_if_full(ep: Episode, args: Args) -> bool:
+    """End an episode whose next turn could pass --max-seq-len (logged as truncated, never a crash)."""
+    if len(ep) + args.max_new_tokens > args.max_seq_len:
+        ep.truncated = True
+        return True
+    return False
+
+
 def rollout(student, teacher, tokenizer, pool, seeds, beta: float, args: Args, sampler: torch.Generator,
             temperature: float, max_turns: int) -> list[Episode]:
     eot = end_of_turn_id(tokenizer)
@@ -246,14 +242,6 @@ def rollout(student, teacher, tokenizer, pool, seeds, beta: float, args: Args, s
             caches[STUDENT][i] = caches[TEACHER][i] = None  # the episode is over: free its caches
         active = still_playing
     return episodes
-
-
-def truncate_if_full(ep: Episode, args: Args) -> bool:
-    """End an episode whose next turn could pass --max-seq-len (logged as truncated, never a crash)."""
-    if len(ep) + args.max_new_tokens > args.max_seq_len:
-        ep.truncated = True
-        return True
-    return False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -417,6 +405,7 @@ def check_args(args: Args) -> None:
 
 
 if __name__ == "__main__":
+    # ---- INFRASTRUCTURE: arguments, process group, seeds, models, run folder (common/ holds the details) ----
     args = tyro.cli(Args)
     fill_defaults(args, TINY, REAL)
     check_args(args)
@@ -428,25 +417,12 @@ if __name__ == "__main__":
         args.teacher = teacher_name(args.teacher, args.student, args.env, REAL_TEACHER)
     except (envs.EnvError, ModelError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-
-    # Seeding: each rank gets its own stream (rank offset), the run is reproducible from --seed.
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+    seed_everything(args.seed + rank)  # each rank its own stream; the run is reproducible from --seed
     sampler = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)  # sampling of tokens
     generators = {"sampler": sampler}
-    torch.set_num_threads(max(1, torch.get_num_threads() // world) if device.type == "cpu" else torch.get_num_threads())
 
-    # Models: the student trains, the teacher is frozen; both sharded with FSDP2.
-    try:
-        student, tokenizer = load_model(args.student, trainable=True)
-        teacher, teacher_tok = load_model(args.teacher, device=device)
-        check_vocab((student, tokenizer), (teacher, teacher_tok), (args.student, args.teacher))
-    except (ModelError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if args.max_seq_len > student.config.max_position_embeddings:
-        raise SystemExit(f"error: --max-seq-len {args.max_seq_len} exceeds the student's "
-                         f"{student.config.max_position_embeddings} positions: lower --max-seq-len")
+    # The student trains, the teacher is frozen; both sharded with FSDP2.
+    student, tokenizer, (teacher,) = load_student_and_teachers(args.student, [args.teacher], device, args.max_seq_len)
     student = shard(student, device, trainable=True, activation_checkpointing=args.activation_checkpointing)
     teacher = shard(teacher, device, trainable=False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
@@ -515,29 +491,24 @@ if __name__ == "__main__":
         step = train_step(student, optimizer, episodes, batch, scores, old_logp, beta, args, world, device)
         t_train = time.time() - t0
 
-        # Logging: sums over every rank's episodes and micro-batches.
+        # ---- INFRASTRUCTURE: logging (sums over every rank's episodes and micro-batches), eval, checkpoint ----
         totals = all_sum({**episode_sums(episodes), **{k: v for k, v in step.items() if k not in ("grad_norm", "skipped_steps")}})
         completed = iteration + 1
         if rank == 0:
             rates = episode_means(totals)
-            log_scalars(writer, "charts", {**rates, "tokens_per_second": totals["agent_tokens"] / max(time.time() - t_iter, 1e-9),
-                                           "learning_rate": lr}, completed)
+            n_student, n_teacher = max(totals["student_tokens"], 1), max(totals["teacher_tokens"], 1)
             trained = totals["student_tokens"] + (totals["teacher_tokens"] if args.teacher_loss != "none" else 0)
-            losses = {"reverse_kl": totals["reverse_kl"] / max(totals["student_tokens"], 1),
-                      "forward_kl": totals["forward_kl"] / max(totals["teacher_tokens"], 1),
-                      "pg_loss": totals["pg_loss"] / max(totals["student_tokens"], 1),
-                      "ce_loss": totals["ce_loss"] / max(totals["teacher_tokens"], 1),
-                      "loss": (totals["pg_loss"] + totals["ce_loss"]) / max(trained, 1),
-                      "grad_norm": step["grad_norm"], "skipped_steps": step["skipped_steps"]}
-            if "clipped" in totals:
-                losses["clipfrac"] = totals["clipped"] / max(totals["student_tokens"], 1)
+            losses = {"reverse_kl": totals["reverse_kl"] / n_student, "forward_kl": totals["forward_kl"] / n_teacher,
+                      "pg_loss": totals["pg_loss"] / n_student, "ce_loss": totals["ce_loss"] / n_teacher,
+                      "loss": (totals["pg_loss"] + totals["ce_loss"]) / max(trained, 1), "grad_norm": step["grad_norm"],
+                      "skipped_steps": step["skipped_steps"], **({"clipfrac": totals["clipped"] / n_student} if "clipped" in totals else {})}
+            log_scalars(writer, "charts", {**rates, "learning_rate": lr,
+                                           "tokens_per_second": totals["agent_tokens"] / max(time.time() - t_iter, 1e-9)}, completed)
             log_scalars(writer, "losses", losses, completed)
-            log_scalars(writer, "schedule", {"beta": beta, "teacher_token_fraction":
-                                             totals["teacher_tokens"] / max(totals["agent_tokens"], 1)}, completed)
+            log_scalars(writer, "schedule", {"beta": beta, "teacher_token_fraction": totals["teacher_tokens"] / max(totals["agent_tokens"], 1)}, completed)
             log_scalars(writer, "time", {"rollout": t_rollout, "teacher": t_teacher, "train": t_train}, completed)
-            print(f"iter {iteration:4d}  beta {beta:.2f}  success {rates['success_rate']:.2f}  "
-                  f"turns {rates['episode_turns']:5.1f}  rkl {losses['reverse_kl']:.3f}  loss {losses['loss']:.4f}  "
-                  f"grad {step['grad_norm']:.2f}"
+            print(f"iter {iteration:4d}  beta {beta:.2f}  success {rates['success_rate']:.2f}  turns {rates['episode_turns']:5.1f}  "
+                  f"rkl {losses['reverse_kl']:.3f}  loss {losses['loss']:.4f}  grad {step['grad_norm']:.2f}"
                   + (f"  ({step['skipped_steps']} non-finite steps skipped)" if step["skipped_steps"] else ""), flush=True)
 
         if completed % args.eval_interval == 0 or completed == args.total_iterations:

@@ -152,3 +152,22 @@ def fill_defaults(args, tiny: dict, real: dict) -> None:
     for key, value in (tiny if is_tiny(args.student) else real).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+
+
+def load_student_and_teachers(student: str, teachers: list[str], device, max_seq_len: int):
+    """(student, tokenizer, teacher models in the order of `teachers`): the student trainable (fp32), each
+    distinct teacher loaded once, frozen, on `device`. One-line errors (SystemExit) for a name that cannot be
+    loaded, a teacher whose vocabulary differs from the student's, or a --max-seq-len beyond the student's
+    positions."""
+    try:
+        model, tokenizer = load_model(student, trainable=True)
+        loaded = {}
+        for name in dict.fromkeys(teachers):
+            loaded[name] = load_model(name, device=device)
+            check_vocab((model, tokenizer), loaded[name], (student, name))
+    except (ModelError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if max_seq_len > model.config.max_position_embeddings:
+        raise SystemExit(f"error: --max-seq-len {max_seq_len} exceeds the student's "
+                         f"{model.config.max_position_embeddings} positions: lower --max-seq-len")
+    return model, tokenizer, [loaded[name][0] for name in teachers]

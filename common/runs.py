@@ -10,8 +10,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import time
 from dataclasses import asdict
+
+import numpy as np
+import torch
 
 from common.dist import all_max, all_sum
 from common.episode import Episode, episode_means, episode_sums
@@ -33,6 +37,13 @@ def check_rollout_args(args) -> None:
         fail("--max-turns must be 0 (the env's default) or more; --micro-batch-tokens and --eval-episodes at least 1")
     if args.temperature < 0 or args.eval_temperature < 0:
         fail("--temperature and --eval-temperature must be 0 (greedy) or more")
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's global generators (each rank passes its own seed)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def run_name(env: str, exp_name: str, seed: int) -> str:
