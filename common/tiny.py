@@ -21,7 +21,9 @@ games, tokenizer and student (`python -m common.tiny --suite gem`, `--suite scie
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -100,6 +102,10 @@ class Recipe:
     # other students, `tiny-<variant>`: (variant, shape), trained like the default student (weaker students
     # show whether a method's gain grows as the student shrinks, as the Guided-OPD paper reports)
     student_variants: tuple = (("small", ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, mlp=192)),)
+    # more experts, `tiny-expert:<name>`, trained like the games' but not the default teacher of any env, and
+    # their text does not train the tokenizer: (name, env spec, steps, lr, init, attempts). init "scratch" is
+    # a new expert-shaped model; "student" starts from the suite's student (a same-origin teacher, as MOPD's).
+    more_experts: tuple = ()
     expert_episodes: int = 800  # expert trajectories per game (train-split seeds)
     student_episodes: int = 300  # random-policy trajectories per game
     student_steps: int = 300
@@ -125,11 +131,19 @@ class Recipe:
         return self.key("version", "suite", "seed", "vocab_size", "tokenizer_episodes",
                         specs=[g[1] for g in self.games] + [g[1] for g in self.left_out])
 
-    def expert_key(self, game: str) -> str:
-        k = next(i for i, g in enumerate(self.games) if g[0] == game)
+    def experts(self) -> list[tuple]:
+        """Every expert as (name, spec, steps, lr, init, attempts): the games', then `more_experts`."""
+        return [(g, spec, steps, lr, "scratch", self.expert_attempts) for g, spec, steps, lr in self.games] + list(self.more_experts)
+
+    def expert_key(self, name: str) -> str:
+        k = next(i for i, e in enumerate(self.experts()) if e[0] == name)
+        e = self.experts()[k]
+        # the games' experts keep the key they had before more_experts existed (their folders stay valid)
+        recipe = (self.games[k], None) if k < len(self.games) else (e, self.student_key() if e[4] == "student" else None)
         return self.key("expert", "expert_episodes", "batch_tokens", "max_turns", "eval_episodes", "eval_batch",
-                        "val_episodes", "val_split", "val_first_seed", "val_every", "expert_target", "expert_attempts",
-                        game=self.games[k], index=k)
+                        "val_episodes", "val_split", "val_first_seed", "val_every", "expert_target",
+                        *(("expert_attempts",) if k < len(self.games) else ()),
+                        game=recipe[0], index=k, **({"init": recipe[1]} if recipe[1] else {}))
 
     def student_key(self, variant: str = "") -> str:
         return self.key("student_episodes", "student_steps", "lr", "batch_tokens", "max_turns", "tokenizer_episodes",
@@ -152,8 +166,16 @@ def _hash(obj) -> str:
 # teaches must share a tokenizer. `twx` is the embedded default that the scripts use with no arguments;
 # the others show that any environment with an oracle gets a tiny expert (`python -m common.tiny --suite
 # gem`), and the scripts pick a suite's models from --env.
+# More experts of the default suite (`tiny-expert:<name>`): an imperfect teacher (coin with doors: 63-79%
+# held-out when tried, a teacher a student can pass, for ATOD) and same-origin teachers (each game's expert
+# fine-tuned from the tiny student, as MOPD's teachers are RL-trained from the student's starting point).
+MORE_EXPERTS = (
+    # (name, env spec, optimizer steps, learning rate, init, attempts)
+    ("coin-doors", "twx:coin:numLocations=4,includeDoors=1", 2000, 1e-3, "scratch", 1),
+    *((f"{g}-same-origin", spec, steps, lr, "student", 1) for g, spec, steps, lr in GAMES),
+)
 SUITES = {
-    "twx": Recipe(left_out=LEFT_OUT),
+    "twx": Recipe(left_out=LEFT_OUT, more_experts=MORE_EXPERTS),
     # GEM has no folds: seeds are disjoint ranges per split, so the recipe's seed layout works as is
     "gem": Recipe(suite="gem", games=(("guessthenumber", "gem:guessthenumber:hard", 2000, 1e-3),), max_turns=8),
     # ScienceWorld has 120 train variations of this task (the wrapper keeps 30 more as `heldout`): experts
@@ -178,6 +200,7 @@ def smoke(r: Recipe) -> Recipe:
         r, expert=ModelShape(32, 1, 2, 1, 64), student=ModelShape(32, 1, 2, 1, 64), vocab_size=600,
         student_variants=tuple((v, ModelShape(16, 1, 2, 1, 32)) for v, _ in r.student_variants),
         games=tuple((g, spec, 150, 5e-3) for g, spec, _, _ in r.games), left_out=(), tokenizer_episodes=4,
+        more_experts=tuple((name, spec, 150, 5e-3, init, 1) for name, spec, _, _, init, _ in r.more_experts),
         expert_episodes=expert_episodes, student_episodes=4, student_steps=100, eval_episodes=4, val_episodes=2,
         val_every=10**6, val_first_seed=r.val_first_seed if r.val_split != "train" else expert_episodes, max_turns=6,
         expert_attempts=1)  # validated once, at the end
@@ -248,7 +271,7 @@ def model_path(name: str) -> str:
     """Local folder of `tiny[-<variant>][:<suite>]` (a student), `tiny-expert:<game>` or `tokenizer[:<suite>]`.
     Builds what is missing of it on first use: the tokenizer, and that one model (not the whole suite)."""
     kind, _, arg = name.partition(":")
-    experts = {g: suite for suite in SUITES for g, _, _, _ in recipe(suite).games}
+    experts = {e[0]: suite for suite in SUITES for e in recipe(suite).experts()}
     if kind == "tiny-expert":
         if arg not in experts:
             raise ValueError(f"no tiny expert for game {arg!r}; the tiny experts are: {', '.join(experts)}")
@@ -551,6 +574,19 @@ def _save_atomic(model, tokenizer, path: str, extra: dict):
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _lock(path: str):
+    """Held while one process builds `path`: another process (a test, a second run) that needs the same
+    artefact waits for it instead of building it into the same temporary folder."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _log(verbose: bool):
     return (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
 
@@ -559,27 +595,33 @@ def _tokenizer(r: Recipe, log):
     from transformers import AutoTokenizer
 
     path = artefact_dir(r, "tokenizer")
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        log(f"[tiny] building the tokenizer in {build_dir(r)}")
-        os.makedirs(build_dir(r), exist_ok=True)
-        tmp = path + ".tmp"
-        build_tokenizer(r, tmp)
-        os.replace(tmp, path)
+    with _lock(path):
+        if not os.path.exists(os.path.join(path, "tokenizer.json")):
+            log(f"[tiny] building the tokenizer in {build_dir(r)}")
+            tmp = path + ".tmp"
+            build_tokenizer(r, tmp)
+            os.replace(tmp, path)
     return AutoTokenizer.from_pretrained(path)
 
 
 def _build_expert(r: Recipe, k: int, tokenizer, log) -> None:
     """Supervised training on the oracle's successful episodes, keeping the weights that do best on the
-    validation seeds, retrained from another initialisation while validation stays below the target."""
-    game, spec, steps, lr = r.games[k]
+    validation seeds, retrained from another initialisation while validation stays below the target
+    (at most `attempts` times). A same-origin expert starts from the student's weights instead."""
+    game, spec, steps, lr, init, attempts = r.experts()[k]
     t0 = time.time()
     trajs = play(spec, range(r.expert_episodes), "oracle", r.max_turns, random.Random(r.seed))
     # only successful expert episodes (all of them if none succeeded, as in the smoke recipe)
     episodes = [render(tokenizer, t) for t in trajs if t.success] or [render(tokenizer, t) for t in trajs]
     val_seeds = range(r.val_first_seed, r.val_first_seed + r.val_episodes)  # disjoint from the table's
     best = None  # (validation success, model): a failed attempt is retried from another initialisation
-    for attempt in range(r.expert_attempts):
-        model = new_model(r.expert, len(tokenizer), r.seed + 1 + k + 1000 * attempt)
+    for attempt in range(attempts):
+        if init == "student":
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model_path("tiny" + ("" if r.suite == "twx" else f":{r.suite}")))
+        else:
+            model = new_model(r.expert, len(tokenizer), r.seed + 1 + k + 1000 * attempt)
         _, val = train_sft(model, episodes, steps, lr, r, tokenizer.pad_token_id, f"expert {game} (attempt {attempt + 1})",
                            r.seed + k + 1000 * attempt,
                            validate=lambda m: evaluate(m, tokenizer, spec, val_seeds, r.max_turns, r.val_split,
@@ -593,7 +635,7 @@ def _build_expert(r: Recipe, k: int, tokenizer, log) -> None:
     ev = evaluate(model, tokenizer, spec, range(r.eval_episodes), r.max_turns, batch=r.eval_batch)
     close_env_pools()
     _save_atomic(model, tokenizer, artefact_dir(r, f"expert-{game}"),
-                 {"game": game, "env": spec, "heldout": ev, "train_seconds": time.time() - t0})
+                 {"game": game, "env": spec, "init": init, "heldout": ev, "train_seconds": time.time() - t0})
     log(f"[tiny] expert {game}: held-out success {ev['success_rate']:.2f} ({time.time() - t0:.0f}s)")
 
 
@@ -633,30 +675,34 @@ def _heldout(r: Recipe, what: str, tokenizer) -> dict:
     return info["heldout"] if not what.startswith("expert-") else {what[len("expert-"):]: info["heldout"]}
 
 
-def artefacts(r: Recipe) -> list[str]:
-    """Everything a suite builds: `expert-<game>` for each game, `student`, `student-<variant>`."""
-    return [f"expert-{g[0]}" for g in r.games] + ["student"] + [f"student-{v}" for v, _ in r.student_variants]
+def artefacts(r: Recipe, more: bool = False) -> list[str]:
+    """What a suite builds: `expert-<game>` for each game, `student`, `student-<variant>`, and with `more`
+    the more experts (`expert-<name>`)."""
+    return ([f"expert-{e[0]}" for e in r.experts()[:len(r.games) if not more else None]]
+            + ["student"] + [f"student-{v}" for v, _ in r.student_variants])
 
 
-def build(r: Recipe | None = None, verbose: bool = True, only: list[str] | None = None, table: bool = True) -> dict:
-    """Build what is missing of the recipe's tokenizer and models (all of `artefacts(r)`, or those named in
-    `only`); with `table`, return their held-out success: {game: {"teacher": ..., "student": ...,
+def build(r: Recipe | None = None, verbose: bool = True, only: list[str] | None = None, table: bool = True,
+          more: bool = False) -> dict:
+    """Build what is missing of the recipe's tokenizer and models (all of `artefacts(r, more)`, or those named
+    in `only`); with `table`, return their held-out success: {game: {"teacher": ..., "student": ...,
     "student-<variant>": ...}}."""
     r = r or recipe()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     log = _log(verbose)
-    wanted = artefacts(r) if only is None else [w for w in only if w != "tokenizer"]
-    unknown = set(wanted) - set(artefacts(r))
+    wanted = artefacts(r, more) if only is None else [w for w in only if w != "tokenizer"]
+    unknown = set(wanted) - set(artefacts(r, more=True))
     if unknown:
-        raise ValueError(f"the tiny suite {r.suite!r} builds no {sorted(unknown)}; it builds {artefacts(r)}")
+        raise ValueError(f"the tiny suite {r.suite!r} builds no {sorted(unknown)}; it builds {artefacts(r, True)}")
     tokenizer = _tokenizer(r, log)
     for what in wanted:
-        if os.path.exists(os.path.join(artefact_dir(r, what), "config.json")):
-            continue
-        if what.startswith("expert-"):
-            _build_expert(r, next(k for k, g in enumerate(r.games) if f"expert-{g[0]}" == what), tokenizer, log)
-        else:
-            _build_student(r, what[len("student-"):] if what.startswith("student-") else "", tokenizer, log)
+        with _lock(artefact_dir(r, what)):
+            if os.path.exists(os.path.join(artefact_dir(r, what), "config.json")):
+                continue
+            if what.startswith("expert-"):
+                _build_expert(r, next(k for k, e in enumerate(r.experts()) if f"expert-{e[0]}" == what), tokenizer, log)
+            else:
+                _build_student(r, what[len("student-"):] if what.startswith("student-") else "", tokenizer, log)
     rows = {}
     for what in wanted if table else ():
         for game, ev in _heldout(r, what, tokenizer).items():
@@ -670,9 +716,11 @@ def main():
     parser = argparse.ArgumentParser(description="Build the tiny models of a suite and print held-out success.")
     parser.add_argument("--suite", default="twx", choices=list(SUITES),
                         help="twx: the embedded default; gem and scienceworld: tiny experts for those envs")
-    r = recipe(parser.parse_args().suite)
+    parser.add_argument("--all", action="store_true", help="also the suite's more experts (imperfect, same-origin)")
+    cli = parser.parse_args()
+    r = recipe(cli.suite)
     t0 = time.time()
-    table = build(r)
+    table = build(r, more=cli.all)
     print(f"tiny suite {r.suite} in {build_dir(r)} ({time.time() - t0:.0f}s)")
     students = ["student"] + [f"student-{v}" for v, _ in r.student_variants]
     print(f"{'game':<18} {'env':<52} {'teacher':>8} " + " ".join(f"{s:>14}" for s in students)
@@ -681,6 +729,8 @@ def main():
         row = table[game]
         print(f"{game:<18} {spec:<52} {row['teacher']['success_rate']:>8.2f} "
               + " ".join(f"{row[s]['success_rate']:>14.2f}" for s in students))
+    for name, spec, _, _, init, _ in r.more_experts if cli.all else ():
+        print(f"{name:<18} {spec:<52} {table[name]['teacher']['success_rate']:>8.2f}   (more experts: from {init})")
     if r.left_out:
         print("left out of the suite (tiny expert's held-out success when tried):")
         for game, spec, why in r.left_out:
