@@ -50,6 +50,7 @@ from common.models import ModelError, fill_defaults, load_student_and_teachers, 
 from common.runs import (check_rollout_args, evaluate, gathered, log_scalars, open_writer, run_name, seed_everything,
                          trajectory_text)
 from common.teacher import score_teacher, token_logprobs
+from common.user import env_user
 
 
 @dataclass
@@ -78,6 +79,9 @@ class Args:
     """environment spec, e.g. twx:coin, scienceworld:boil, alfworld (see envs/)"""
     thinking: bool = False
     """Qwen3 thinking mode in the chat template (the tiny models do not think)"""
+    user_model: str | None = None
+    """the customer of conversational envs (tau2:*), played by this model (any name the student takes; a whole
+    copy per rank, greedy); unset = the env's scripted stand-in, which answers from the task's scenario"""
 
     # Rollouts
     num_envs: int = 16
@@ -415,6 +419,7 @@ if __name__ == "__main__":
         envs.make(args.env, seed=args.seed).close()  # a bad spec fails here, in one line
         args.student = student_name(args.student, args.env)
         args.teacher = teacher_name(args.teacher, args.student, args.env, REAL_TEACHER)
+        user = env_user(args.user_model, args.env, device)  # {} or {"user": the customer model}
     except (envs.EnvError, ModelError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     seed_everything(args.seed + rank)  # each rank its own stream; the run is reproducible from --seed
@@ -438,8 +443,8 @@ if __name__ == "__main__":
 
     # Environments are made once and reset for every episode (a TextWorld-Express env is a JVM process).
     # Their own randomness comes from (--seed, split, episode seed): the same episode on any rank.
-    pool = [envs.make(args.env, seed=args.seed, split="train") for _ in range(args.num_envs)]
-    eval_pool = [envs.make(args.env, seed=args.seed, split="heldout") for _ in range(args.num_envs)]
+    pool = [envs.make(args.env, seed=args.seed, split="train", **user) for _ in range(args.num_envs)]
+    eval_pool = [envs.make(args.env, seed=args.seed, split="heldout", **user) for _ in range(args.num_envs)]
     max_turns = args.max_turns or pool[0].max_turns
 
     def evaluate_alone(model):

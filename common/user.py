@@ -82,3 +82,14 @@ class ModelUser:
                                       pad_token_id=self.eot if pad is None else pad, **sampling)
         text = self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
         return _THINK_RE.sub("", text).strip()
+
+
+def env_user(user_model: str | None, env: str, device=None) -> dict:
+    """The keyword arguments that give a script's environments their customer: {} (the env's own scripted
+    user) without `user_model`, else {"user": ModelUser(user_model)}, one copy shared by the rank's envs.
+    A one-line error (ValueError) for an env that talks to no customer."""
+    if not user_model:
+        return {}
+    if not env.startswith("tau2:"):
+        raise ValueError(f"--user-model is for conversational envs (tau2:airline, tau2:retail), not {env!r}: drop it")
+    return {"user": ModelUser(user_model, device=device)}
