@@ -153,6 +153,34 @@ def test_teachers_route_rows():
         Teachers({"a": a}).score({"input_ids": ids, "attention_mask": attn}, mask, ["c"] * 5)
 
 
+def test_teachers_route_full_rows_in_batch_mask_order():
+    """The full rows of interleaved teachers come back in the whole batch's mask order, each from its row's
+    teacher: the same rows as one teacher's score_teacher where that teacher owns the row."""
+    a, b = tiny_model(1).eval(), tiny_model(2).eval()
+    ids, attn, mask = make_batch(6, B=5)
+    names = ["b", "a", "b", "a", "a"]
+    s = Teachers({"a": a, "b": b}, micro_batch_tokens=20).score({"input_ids": ids, "attention_mask": attn}, mask,
+                                                                names, full=True)
+    per_teacher = {n: score_teacher(m, {"input_ids": ids, "attention_mask": attn}, mask, full=True).full
+                   for n, m in (("a", a), ("b", b))}
+    owner = torch.tensor([n == "a" for n in names])[:, None].expand_as(mask)[mask]  # per full row: row's teacher is a
+    assert s.full.shape == per_teacher["a"].shape
+    torch.testing.assert_close(s.full[owner], per_teacher["a"][owner], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s.full[~owner], per_teacher["b"][~owner], atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_at_given_tokens_match_full_rows():
+    """`at`: the log-probs of named tokens per position (a student at its teacher's top-k), with gradient."""
+    model = tiny_model(3)
+    ids, attn, mask = make_batch(7)
+    at = torch.randint(0, V, ids.shape + (4,), generator=torch.Generator().manual_seed(0))
+    s = token_logprobs(model, ids, attn, mask, full=True, at=at, chunk_size=3)
+    torch.testing.assert_close(s.at_logp[mask], s.full.gather(-1, at[mask]))
+    assert (s.at_logp[~mask] == 0).all()
+    s.at_logp.sum().backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
 def word_tokenizer(n):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
