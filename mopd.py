@@ -173,6 +173,14 @@ def parse_domains(specs, student: str) -> list[tuple[str, str, str]]:
     return [(g if games.count(g) == 1 else s, s, t) for g, (s, t) in zip(games, parsed)]
 
 
+def routing(domains: list[tuple[str, str, str]], route: str) -> dict[str, str]:
+    """Which teacher scores each domain's trajectories: its own (`domain`, MOPD), or --route's for all."""
+    own = {name: teacher for name, _, teacher in domains}
+    if route != "domain" and route not in own:
+        raise SystemExit(f"error: --route must be `domain` or a domain's name ({', '.join(own)}), got {route!r}")
+    return {name: own[name if route == "domain" else route] for name in own}
+
+
 def domain_draws(iteration: int, n: int, weights: list[float], seed: int) -> list[int]:
     """The domain of each of the iteration's n episodes (the global batch): fixed ratios, as the paper's batches
     (counts by largest remainder, ties drawn), in a shuffled order. The same list on every rank."""
@@ -432,9 +440,8 @@ if __name__ == "__main__":
     rank, world, device = setup()
     args.student = student_name(args.student, args.domains[0].partition("@")[0])
     domains = parse_domains(args.domains, args.student)  # [(name, env spec, teacher)]
-    names = [name for name, _, _ in domains]
-    if args.route != "domain" and args.route not in names:
-        raise SystemExit(f"error: --route must be `domain` or a domain's name ({', '.join(names)}), got {args.route!r}")
+    names, own_teacher = [name for name, _, _ in domains], routing(domains, "domain")
+    route = routing(domains, args.route)  # the ablation: every trajectory to --route's teacher
     try:
         for name, spec, _ in domains:
             envs.make(spec, seed=args.seed).close()  # a bad spec fails here, in one line
@@ -450,9 +457,6 @@ if __name__ == "__main__":
     student, tokenizer, models = load_student_and_teachers(args.student, distinct, device, args.max_seq_len)
     student = shard(student, device, trainable=True, activation_checkpointing=args.activation_checkpointing)
     teachers = Teachers({n: shard(m, device, trainable=False) for n, m in zip(distinct, models)}, args.micro_batch_tokens)
-    own_teacher = {name: t for name, _, t in domains}
-    # Routing: each trajectory goes to its own domain's teacher, or (the ablation) every one to --route's.
-    route = {name: own_teacher[name if args.route == "domain" else args.route] for name in names}
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay)
 
