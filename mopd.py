@@ -264,9 +264,9 @@ def rollout(student, tokenizer, pool, domains, seeds, args: Args, sampler: torch
 # other), then the loss of one micro-batch: the sum over its trajectories of each one's token mean (the
 # training step divides by the mini-batch's number of trajectories) and the statistics to log.
 # ----------------------------------------------------------------------------------------------------
-def clipped_advantage_pg(logp_s: torch.Tensor, logp_t: torch.Tensor, adv_clip: float = 0.0) -> torch.Tensor:
-    """The paper's main form: A_t = clip(stopgrad(log pi_t(y_t) - log pi_s(y_t)), -c, c), loss_t = -A_t log
-    pi_s(y_t). Unclipped, its expected gradient under y_t ~ pi_s is the gradient of KL(pi_s || pi_t)."""
+def sampled_reverse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor, adv_clip: float = 0.0) -> torch.Tensor:
+    """The pg form: A_t = clip(stopgrad(log pi_t(y_t) - log pi_s(y_t)), -c, c), loss_t = -A_t log pi_s(y_t).
+    Unclipped, its expected gradient under y_t ~ pi_s is the gradient of KL(pi_s || pi_t) at that position."""
     advantage = (logp_t - logp_s).detach()
     if adv_clip > 0:
         advantage = advantage.clamp(-adv_clip, adv_clip)
@@ -307,15 +307,14 @@ def mopd_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, dict]:
     """(sum over the micro-batch's trajectories of their token-mean loss, statistics). `mb` holds the batch
     tensors, the routed teacher's log-probs (`teacher_logp`), its top-k (`teacher_topk_logp`, `_ids`), or its
     full rows at the trained positions (`teacher_full`), and the rollout student's (`old_logp`)."""
-    mask = mb["loss_mask"].clone()
-    mask[:, 0] = False  # the first token has no prediction
+    mask = mb["loss_mask"]
     s = token_logprobs(student, mb["input_ids"], mb["attention_mask"], mask, full=args.loss == "full",
                        at=mb.get("teacher_topk_ids"))
     logp_s, logp_t = s.logp, mb["teacher_logp"]
     if args.loss == "pg" and args.ratio_clip > 0:
         tokens = clipped_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_clip, args.adv_clip)
     elif args.loss == "pg":
-        tokens = clipped_advantage_pg(logp_s, logp_t, args.adv_clip)
+        tokens = sampled_reverse_kl(logp_s, logp_t, args.adv_clip)
     elif args.loss == "topk":
         tokens = topk_reverse_kl(s.at_logp, mb["teacher_topk_logp"])
     else:  # the exact reverse KL from the full rows at the trained positions (rows in mask order)
@@ -363,14 +362,12 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
     loss_mask = batch["loss_mask"]
     full_rows = None
     if teacher_scores.full is not None:  # map each trained position to its row of the teacher's full distributions
-        scored = loss_mask.clone()
-        scored[:, 0] = False
         full_rows = torch.full(loss_mask.shape, -1, dtype=torch.long)
-        full_rows[scored] = torch.arange(int(scored.sum()))
+        full_rows[loss_mask] = torch.arange(int(loss_mask.sum()))
     stats_sum, grad_norms, skipped = {}, [], 0
     for m in range(args.num_minibatches):
         rows = list(range(m, len(episodes), args.num_minibatches))
-        counts = all_sum({"sequences": int(loss_mask[rows, 1:].any(-1).sum())})
+        counts = all_sum({"sequences": int(loss_mask[rows].any(-1).sum())})
         order = sorted(rows, key=lambda r: len(episodes[r]))  # similar lengths together: less padding
         groups = pack_by_tokens([len(e) for e in episodes], args.micro_batch_tokens, order)
         n_max = all_max(len(groups))  # every rank runs as many forward/backward passes
@@ -383,7 +380,7 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
             mb = {k: batch[k][idx, :width].to(device) for k in ("input_ids", "attention_mask", "loss_mask", "domain")}
             mb["teacher_logp"] = teacher_scores.logp[idx, :width].to(device)
             if full_rows is not None:
-                mb["teacher_full"] = teacher_scores.full[full_rows[idx, :width][full_rows[idx, :width] >= 0]].to(device)
+                mb["teacher_full"] = teacher_scores.full[full_rows[idx, :width][loss_mask[idx, :width]]].to(device)
             if teacher_scores.topk_ids is not None:
                 mb["teacher_topk_logp"] = teacher_scores.topk_logp[idx, :width].to(device)
                 mb["teacher_topk_ids"] = teacher_scores.topk_ids[idx, :width].to(device)

@@ -38,7 +38,7 @@ MIXED = ["--student", "tiny-expert:coin", "--temperature", "0", "--max-turns", "
 def test_losses_are_zero_when_teacher_is_student():
     logp = torch.log_softmax(torch.randn(5, 7), -1)
     lp = logp[:, 0].clone().requires_grad_()
-    loss = m.clipped_advantage_pg(lp, lp.detach(), adv_clip=5.0).sum()
+    loss = m.sampled_reverse_kl(lp, lp.detach(), adv_clip=5.0).sum()
     loss.backward()
     assert loss.item() == 0 and torch.all(lp.grad == 0)
     assert torch.allclose(m.full_reverse_kl(logp, logp), torch.zeros(5), atol=1e-6)
@@ -48,9 +48,9 @@ def test_losses_are_zero_when_teacher_is_student():
 def test_clipped_advantage_clips():
     logp_s = torch.tensor([-1.0, -2.0, -0.5, -3.0, -9.0], requires_grad=True)
     logp_t = torch.tensor([-9.0, -1.0, -0.5, -1.0, -1.0])  # advantages -8, 1, 0, 2, 8
-    (grad,) = torch.autograd.grad(m.clipped_advantage_pg(logp_s, logp_t, adv_clip=5.0).sum(), logp_s)
+    (grad,) = torch.autograd.grad(m.sampled_reverse_kl(logp_s, logp_t, adv_clip=5.0).sum(), logp_s)
     assert torch.allclose(grad, torch.tensor([5.0, -1.0, 0.0, -2.0, -5.0]))  # -A_t, with A_t within +-5
-    (grad,) = torch.autograd.grad(m.clipped_advantage_pg(logp_s, logp_t, adv_clip=0.0).sum(), logp_s)
+    (grad,) = torch.autograd.grad(m.sampled_reverse_kl(logp_s, logp_t, adv_clip=0.0).sum(), logp_s)
     assert torch.allclose(grad, torch.tensor([8.0, -1.0, 0.0, -2.0, -8.0]))  # 0 = no clip
 
 
@@ -60,7 +60,7 @@ def test_pg_has_the_reverse_kl_gradient_in_expectation():
     theta = torch.randn(11, requires_grad=True)
     teacher = torch.log_softmax(torch.randn(11), -1)
     logp_s = torch.log_softmax(theta, -1)
-    expected = sum(logp_s[y].exp().detach() * m.clipped_advantage_pg(logp_s[y], teacher[y], 5.0) for y in range(11))
+    expected = sum(logp_s[y].exp().detach() * m.sampled_reverse_kl(logp_s[y], teacher[y], 5.0) for y in range(11))
     (grad_pg,) = torch.autograd.grad(expected, theta)
     (grad_full,) = torch.autograd.grad(m.full_reverse_kl(torch.log_softmax(theta, -1), teacher), theta)
     assert torch.allclose(grad_pg, grad_full, atol=1e-6)
