@@ -489,8 +489,8 @@ if __name__ == "__main__":
                                                  args.eval_temperature, max_turns),
                             pool(domain, "heldout", eval_batch), args.eval_episodes, rank, world)
 
-    def evaluate_domains(step: int) -> None:
-        results = {d: evaluate_alone(student, d) for d in names}
+    def evaluate_domains(step: int, results: dict | None = None) -> None:
+        results = results or {d: evaluate_alone(student, d) for d in names}
         if rank == 0:
             g = {d: normalised(ev["success_rate"], *baseline[d]) for d, (ev, _) in results.items()}
             known = [v for v in g.values() if math.isfinite(v)] or [float("nan")]
@@ -505,15 +505,17 @@ if __name__ == "__main__":
 
     # Each domain's own teacher alone and the initial student, once: the two ends of the normalised score.
     if start_iteration == 0:
+        initial = {}
         for d in names:
             teacher_eval, _ = evaluate_alone(teachers[own_teacher[d]], d)
-            student_eval, _ = evaluate_alone(student, d)
+            initial[d] = evaluate_alone(student, d)
+            student_eval = initial[d][0]
             baseline[d] = (student_eval["success_rate"], teacher_eval["success_rate"])
             if rank == 0:
                 log_scalars(writer, f"teacher/{d}", teacher_eval, 0)
                 print(f"{d}: teacher held-out success {teacher_eval['success_rate']:.2f}, "
                       f"student before training {student_eval['success_rate']:.2f}")
-        evaluate_domains(0)
+        evaluate_domains(0, initial)
 
     for iteration in range(start_iteration, args.total_iterations):
         t_iter = time.time()
