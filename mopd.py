@@ -23,7 +23,7 @@ Open choices, as flags: `--domain-weights` (the paper's 0.35 : 0.35 : 0.30 were 
 `--ratio-clip` (PPO's clipped ratio to the rollout student; the paper's ratio handling is unknown); `--route`
 scores every domain with one domain's teacher (the routing ablation). Arguments left at None are "auto": the
 tiny default's values with a tiny student, the real-model values otherwise (the TINY and REAL tables below
-the Args). The tiny default trains with `--loss full`: the sampled forms did not teach the tiny student.
+the Args). The tiny default trains with `--loss full`: with `--loss pg` the tiny student collapsed (README).
 
     python mopd.py                                          # embedded tiny default: 3 games, 3 tiny experts
     python mopd.py --route simonsays                        # ablation: simonsays' teacher scores every domain
