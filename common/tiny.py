@@ -171,7 +171,7 @@ def _hash(obj) -> str:
 # fine-tuned from the tiny student, as MOPD's teachers are RL-trained from the student's starting point).
 MORE_EXPERTS = (
     # (name, env spec, optimizer steps, learning rate, init, attempts)
-    ("coin-doors", "twx:coin:numLocations=4,includeDoors=1", 2000, 1e-3, "scratch", 1),
+    ("coin-doors", "twx:coin:numLocations=4,includeDoors=1", 600, 1e-3, "scratch", 1),
     *((f"{g}-same-origin", spec, steps, lr, "student", 1) for g, spec, steps, lr in GAMES),
 )
 SUITES = {
