@@ -190,8 +190,9 @@ def lr_at(iteration: int, args: Args) -> float:
 
 # ----------------------------------------------------------------------------------------------------
 # ALGO LOGIC: group rollouts. The student alone plays every turn. Rows come in blocks (a group of G episodes
-# of one task in training; all rows in evaluation), each sampled with its own generator: a group's episodes
-# are the same however the batch is split over ranks, and a resumed run draws them again identically.
+# of one task in training; all rows in evaluation), each turn of a block sampled from its own generator, seeded
+# by (block seed, turn): a group's episodes are the same however the batch is split over ranks (whatever the
+# other ranks generate), and a resumed run draws them again identically.
 # ----------------------------------------------------------------------------------------------------
 def truncate_if_full(ep: Episode, args: Args) -> bool:
     """End an episode whose next turn could pass --max-seq-len (logged as truncated, never a crash)."""
@@ -201,24 +202,26 @@ def truncate_if_full(ep: Episode, args: Args) -> bool:
     return False
 
 
-def rollout(student, tokenizer, pool, seeds, args: Args, samplers: list[torch.Generator], temperature: float,
+def rollout(student, tokenizer, pool, seeds, args: Args, block_seeds: list[int], temperature: float,
             max_turns: int) -> list[Episode]:
     eot = end_of_turn_id(tokenizer)
-    block = math.ceil(len(seeds) / len(samplers))
+    device = next(student.parameters()).device
+    block = math.ceil(len(seeds) / len(block_seeds))
     episodes = []
     for env, seed in zip(pool, seeds):
         obs, info = env.reset(seed)
         episodes.append(Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=info["task"], seed=seed))
     active = [i for i, ep in enumerate(episodes) if not truncate_if_full(ep, args)]
     caches = [TurnCache() for _ in episodes]
-    for _ in range(max_turns):
+    for turn in range(max_turns):
         if all_max(len(active)) == 0:  # FSDP: every rank runs the same generate calls, so all stop together
             break
         replies = {}
-        for b, sampler in enumerate(samplers):
+        for b, block_seed in enumerate(block_seeds):
             rows = [i for i in active if i // block == b]
             if all_max(len(rows)) == 0:
                 continue
+            sampler = torch.Generator(device=device).manual_seed(block_seed * 1009 + turn)
             outs = generate_replies(student, tokenizer, [episodes[i].ids for i in rows], args.max_new_tokens,
                                     temperature, generator=sampler,
                                     caches=[caches[i] for i in rows] if args.cache_turns else None)
@@ -441,7 +444,7 @@ if __name__ == "__main__":
     except (envs.EnvError, ModelError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     seed_everything(args.seed + rank)  # each rank its own stream; the run is reproducible from --seed
-    generators = {}  # rollouts draw from per-group generators seeded by (--seed, task): nothing to checkpoint
+    generators = {}  # rollouts draw from generators seeded by (--seed, task, turn): nothing to checkpoint
 
     # The student trains, the teacher is frozen; both sharded with FSDP2.
     student, tokenizer, (teacher,) = load_student_and_teachers(args.student, [args.teacher], device, args.max_seq_len)
@@ -467,9 +470,9 @@ if __name__ == "__main__":
 
     def evaluate_alone(model):
         """The model alone on the held-out seeds."""
-        eval_sampler = torch.Generator(device=device).manual_seed(args.seed + 12345 + rank)
         with gathered(model):
-            return evaluate(lambda p, s: rollout(model, tokenizer, p, s, args, [eval_sampler], args.eval_temperature, max_turns),
+            return evaluate(lambda p, s: rollout(model, tokenizer, p, s, args, [args.seed + 12345 + (s[0] if s else 0)],
+                                                 args.eval_temperature, max_turns),
                             eval_pool, args.eval_episodes, rank, world)
 
     # The teacher alone, once: the level the student should pass.
@@ -494,9 +497,9 @@ if __name__ == "__main__":
         t0 = time.time()
         tasks = [(iteration * world + rank) * groups_per_rank + k for k in range(groups_per_rank)]
         seeds = [task for task in tasks for _ in range(args.group_size)]
-        samplers = [torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + task) for task in tasks]
         with gathered(student):
-            episodes = rollout(student, tokenizer, pool, seeds, args, samplers, args.temperature, max_turns)
+            episodes = rollout(student, tokenizer, pool, seeds, args, [args.seed * 1_000_003 + task for task in tasks],
+                               args.temperature, max_turns)
         t_rollout = time.time() - t0
 
         # Scoring: the teacher's and the rollout-time student's log-probs of every agent token (the teacher's full
