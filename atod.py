@@ -100,10 +100,10 @@ class Args:
     the memory grows with episodes x tokens; turn off if rollouts run out of memory)"""
 
     # Optimization
-    total_iterations: int = 40
+    total_iterations: int = 30
     """training iterations: one batch of rollouts and --update-epochs x --num-minibatches optimizer steps each"""
     learning_rate: float | None = None
-    """AdamW learning rate (auto: 1e-3 tiny, 1e-6 real)"""
+    """AdamW learning rate (auto: 2e-3 tiny, 1e-6 real)"""
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     """learning rate after warmup: constant, or decaying to 0 at the end"""
     warmup_iterations: int = 0
@@ -138,8 +138,9 @@ class Args:
     mode: Literal["atod", "opd", "grpo", "constant"] = "atod"
     """atod: annealed kappa and rho; opd: OPD only (rho = 0); grpo: GRPO only (kappa = 0); constant: kappa = rho
     = 1 (no annealing)"""
-    group_size: int = 8
-    """G: episodes of the same task per group (the GRPO baseline is the group's mean reward)"""
+    group_size: int | None = None
+    """G: episodes of the same task per group, the GRPO baseline being the group's mean reward (auto: 8, the
+    paper's, real; 4 tiny, so that the tiny default's 16 episodes hold 4 tasks)"""
     reward: Literal["success", "score"] = "success"
     """the outcome reward of an episode: success (0/1, the paper's) or the env's score"""
     anneal_iterations: int | None = None
@@ -157,9 +158,10 @@ class Args:
 
 
 # "Auto" arguments (None above): the embedded tiny default's values, and a real model's.
-TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=1e-3, micro_batch_tokens=4096, opd_loss="full")
+TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=2e-3, micro_batch_tokens=4096, opd_loss="full",
+            group_size=4)
 REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
-            opd_loss="sampled")
+            opd_loss="sampled", group_size=8)
 REAL_TEACHER = "qwen3-8b"
 TINY_TEACHER = "tiny-expert:coin-doors"  # the default env's imperfect teacher (common/tiny.py MORE_EXPERTS)
 PAPER_ANNEAL_FRACTION = 80 / 150

@@ -86,7 +86,7 @@ def test_annealing_schedule():
     assert a.kappa_rho(10, a.Args(mode="opd", anneal_iterations=80)) == (1.0, 0.0)
     assert a.kappa_rho(10, a.Args(mode="grpo", anneal_iterations=80)) == (0.0, 1.0)
     assert a.kappa_rho(90, a.Args(mode="constant", anneal_iterations=80)) == (1.0, 1.0)
-    assert round(a.PAPER_ANNEAL_FRACTION * 150) == 80 and round(a.PAPER_ANNEAL_FRACTION * a.Args().total_iterations) == 21
+    assert round(a.PAPER_ANNEAL_FRACTION * 150) == 80 and round(a.PAPER_ANNEAL_FRACTION * a.Args().total_iterations) == 16
 
 
 def test_hybrid_advantage_and_its_baselines():
