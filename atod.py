@@ -333,7 +333,6 @@ def atod_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, dict]:
         log_ratio = (logp_s - logp_old) * mask
         stats = {
             "loss": loss_sum.item(),  # summed per-trajectory token means
-            "reverse_kl": ((logp_s - mb["teacher_logp"]) * mask).sum().item(),  # sampled-token estimate
             "clipped": ((log_ratio.exp() - 1).abs().gt(args.clip_eps) & mask).sum().item(),
             "approx_kl": ((log_ratio.exp() - 1 - log_ratio) * mask).sum().item(),  # k3 estimate of KL(old || new)
             "tokens": mask.sum().item(),
@@ -374,11 +373,16 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
         full_rows[loss_mask] = torch.arange(int(loss_mask.sum()))
     n_tokens = loss_mask.sum(1)
     token_share = (1.0 / n_tokens.clamp(min=1).float())[:, None].expand(loss_mask.shape)  # a token mean per trajectory
-    stats_sum, grad_norms, skipped = {}, [], 0
+    stats_sum = {"loss": 0.0, "clipped": 0.0, "approx_kl": 0.0, "tokens": 0.0}
+    grad_norms, skipped, no_signal = [], 0, 0
     for epoch in range(args.update_epochs):
         for m in range(args.num_minibatches):
             rows = list(range(m, len(episodes), args.num_minibatches))
-            trajectories = all_sum({"n": int((n_tokens[rows] > 0).sum())})["n"]
+            counts = all_sum({"n": int((n_tokens[rows] > 0).sum()), "signal": int(((advantages[rows] != 0) | (kl_coef[rows] != 0)).sum())})
+            trajectories = counts["n"]
+            if counts["signal"] == 0:  # no advantage, no KL (GRPO on flat groups): a zero gradient, and AdamW would
+                no_signal += 1         # still move the weights along its momentum; so no step
+                continue
             order = sorted(rows, key=lambda r: len(episodes[r]))  # similar lengths together: less padding
             groups = pack_by_tokens([len(e) for e in episodes], args.micro_batch_tokens, order)
             n_max = all_max(len(groups))  # every rank runs as many forward/backward passes
@@ -409,7 +413,8 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
             else:  # a non-finite loss or gradient: skip the step, keep the weights, log it
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
-    return {**stats_sum, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "skipped_steps": skipped}
+    return {**stats_sum, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "skipped_steps": skipped,
+            "no_signal_steps": no_signal}
 
 
 def check_args(args: Args) -> None:
@@ -531,17 +536,18 @@ if __name__ == "__main__":
 
         # ---- INFRASTRUCTURE: logging (sums over every rank's episodes and micro-batches), eval, checkpoint ----
         n_rows = scored.any(1).sum().item()
-        totals = all_sum({**episode_sums(episodes), **{k: v for k, v in step.items() if k not in ("grad_norm", "skipped_steps")},
+        totals = all_sum({**episode_sums(episodes), **{k: v for k, v in step.items() if k not in ("grad_norm", "skipped_steps", "no_signal_steps")},
                           "groups": len(tasks), "flat_groups": int((group_std < 1e-8).sum()), "group_std": group_std.sum().item(),
                           "reward": rewards.sum().item(), "weight_sum": (weights * scored).sum().item(),
-                          "scored": scored.sum().item(), "trajectories": n_rows})
+                          "scored": scored.sum().item(), "trajectories": n_rows,
+                          "reverse_kl": ((old_logp - scores.logp) * scored).sum().item()})  # sampled estimate, rollout time
         completed = iteration + 1
         if rank == 0:
             rates = episode_means(totals)
             n_tok, n_traj = max(totals["tokens"], 1), max(totals["trajectories"], 1) * args.update_epochs
-            losses = {"loss": totals["loss"] / n_traj, "reverse_kl": totals["reverse_kl"] / n_tok,
+            losses = {"loss": totals["loss"] / n_traj, "reverse_kl": totals["reverse_kl"] / max(totals["scored"], 1),
                       "clipfrac": totals["clipped"] / n_tok, "approx_kl": totals["approx_kl"] / n_tok,
-                      "grad_norm": step["grad_norm"], "skipped_steps": step["skipped_steps"]}
+                      "grad_norm": step["grad_norm"], "skipped_steps": step["skipped_steps"], "no_signal_steps": step["no_signal_steps"]}
             log_scalars(writer, "charts", {**rates, "learning_rate": lr, "reward": totals["reward"] / totals["episodes"],
                                            "reward_std_in_group": totals["group_std"] / totals["groups"],
                                            "flat_group_fraction": totals["flat_groups"] / totals["groups"],

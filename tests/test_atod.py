@@ -229,6 +229,22 @@ def test_gradient_accumulation_and_the_trajectory_mean(process_group, opd_loss):
         torch.testing.assert_close(g_many[n], g_one[n], atol=1e-6, rtol=1e-5)
 
 
+def test_mini_batch_without_signal_takes_no_step(process_group):
+    """GRPO on flat groups: every advantage and KL weight zero, so a zero gradient. No optimizer step: after a
+    step with signal, AdamW would still move the weights along its momentum. The skips are counted."""
+    episodes = synthetic_episodes()
+    args = a.Args(opd_loss="full", num_minibatches=2, max_grad_norm=1e9, micro_batch_tokens=10**6)
+    student = a.shard(tiny_model(50, seed=2), torch.device("cpu"), trainable=True)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=0.01)
+    batch, mask, scores, old, adv, kl_coef = prepared(episodes, args)
+    stats = a.train_step(student, optimizer, episodes, batch, scores, old, adv, kl_coef, args, 1, torch.device("cpu"))
+    assert stats["no_signal_steps"] == 0 and stats["grad_norm"] > 0  # momentum built up
+    before = {n: p.full_tensor().detach().clone() for n, p in student.named_parameters()}
+    stats = a.train_step(student, optimizer, episodes, batch, scores, old, adv * 0, kl_coef * 0, args, 1, torch.device("cpu"))
+    assert stats["no_signal_steps"] == 2 and stats["loss"] == 0
+    assert all(torch.equal(before[n], p.full_tensor()) for n, p in student.named_parameters())
+
+
 # ---------------------------------------------------------------------------------------------- runs
 def run(args, tmp_path, torchrun=0, timeout=600, check=True):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
