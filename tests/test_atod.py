@@ -31,7 +31,7 @@ SMOKE = ["--num-envs", "4", "--group-size", "2", "--num-minibatches", "2", "--ev
 # the score as reward (it differs within groups), several micro-batches per mini-batch
 MIXED = ["--env", "twx:simonsays", "--student", "tiny-expert:simonsays", "--teacher", "tiny", "--reward", "score",
          "--max-turns", "5", "--max-new-tokens", "8", "--micro-batch-tokens", "500", "--eval-episodes", "4",
-         "--group-size", "4", "--anneal-iterations", "1"]
+         "--group-size", "4", "--anneal-iterations", "1", "--learning-rate", "1e-3"]
 
 
 # ------------------------------------------------------------------------------------------ advantages
