@@ -22,7 +22,8 @@ informative turn gets weight 0); --weighting token (the per-token ablation) or n
 kappa w_k beside the surrogate, instead of the sampled advantage inside it (the tiny default's: with a
 1.5k vocabulary it is cheap, and the sampled form did not teach the tiny student in guided_opd.py).
 Baselines and ablations: --mode opd (rho = 0), grpo (kappa = 0), constant (kappa = rho = 1, no annealing).
-Groups are never split across ranks: each rank plays whole groups, so advantages are computed locally.
+Groups are never split across ranks: each rank plays whole groups, so advantages are computed locally. A
+mini-batch without any signal (every advantage and KL weight 0: GRPO on groups of equal rewards) takes no step.
 Arguments left at None are "auto" (the TINY and REAL tables below the Args).
 
     python atod.py                                    # tiny default: coin with doors, an imperfect teacher
