@@ -1,0 +1,584 @@
+"""ATOD: annealed on-policy distillation and GRPO, with turn-level reweighting (T-DUR), for multi-turn agents.
+
+Paper: ATOD, arXiv 2606.27814.
+
+On-policy distillation (OPD) follows the teacher token by token but can never do better than it; GRPO uses the
+environment's reward, which can pass the teacher, but learns slowly from a weak start. ATOD mixes the two
+advantages and shifts the weight from the teacher to the reward as training goes. The student alone plays
+groups of G episodes of the same task (temperature 1); the outcome reward r is the episode's success.
+- GRPO, per trajectory i: A_GRPO_i = (r_i - mean of its group) / (std of its group + 1e-6), on all its tokens.
+- OPD, per token: A_OPD_t = (log pi_t(y_t) - log pi_old(y_t)) * w_k(t), with the rollout-time student pi_old.
+- T-DUR (turn weights, from rollout values, no gradient): per turn k of a trajectory, d_k = mean |log pi_old -
+  log pi_t| and h_k = mean(-log pi_old) over the turn's tokens, each min-max normalised over the trajectory's
+  turns (0.5 where the range is below 1e-8); w_k = 1 - (1 - d_k)(1 - h_k).
+- Hybrid (Eq 8): A_t = kappa(s) A_OPD_t + rho(s) A_GRPO, with p = min(s / S_anneal, 1), kappa = max(0.1, 1 -
+  0.9 p), rho = 1 + p; in PPO's clipped surrogate (ratio to pi_old), a token mean per trajectory, then the mean
+  over trajectories; no KL penalty.
+
+Open choices, as flags: --renormalize-weights (T-DUR weights to mean 1 per trajectory; as written the least
+informative turn gets weight 0); --weighting token (the per-token ablation) or none; --anneal-iterations
+(the paper's 80 of 150; auto: the same fraction of --total-iterations); --clip-eps 0.2; --update-epochs and
+--num-minibatches; --reward score; --opd-loss full, the exact reverse KL KL(pi_s || pi_t) per token weighted by
+kappa w_k beside the surrogate, instead of the sampled advantage inside it (the tiny default's: with a
+1.5k vocabulary it is cheap, and the sampled form did not teach the tiny student in guided_opd.py).
+Baselines and ablations: --mode opd (rho = 0), grpo (kappa = 0), constant (kappa = rho = 1, no annealing).
+Groups are never split across ranks: each rank plays whole groups, so advantages are computed locally. A
+mini-batch without any signal (every advantage and KL weight 0: GRPO on groups of equal rewards) takes no step.
+Arguments left at None are "auto" (the TINY and REAL tables below the Args).
+
+    python atod.py                                    # tiny default: coin with doors, an imperfect teacher
+    python atod.py --mode opd                         # OPD only; --mode grpo: GRPO only
+    torchrun --nproc_per_node 8 atod.py --student qwen3-1.7b --teacher <your GRPO-trained qwen3-4b> \\
+        --env alfworld --max-turns 50 --total-iterations 150
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+
+import envs
+from common import checkpoint
+from common.dist import all_max, all_sum, cleanup, setup
+from common.episode import STUDENT, Episode, TurnCache, collate, end_of_turn_id, episode_means, episode_sums, generate_replies, pack_by_tokens
+from common.models import ModelError, fill_defaults, is_tiny, load_student_and_teachers, student_name, teacher_name
+from common.runs import (check_rollout_args, evaluate, gathered, log_scalars, open_writer, run_name, seed_everything,
+                         trajectory_text)
+from common.teacher import score_teacher, token_logprobs
+from common.user import env_user
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (each rank adds its rank)"""
+    track: bool = False
+    """mirror the tensorboard logs to Weights and Biases"""
+    wandb_project_name: str = "agent-distill"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    runs_dir: str = "runs"
+    """folder of the runs: tensorboard logs, checkpoints and the final model"""
+
+    # Models and environment
+    student: str = "tiny"
+    """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` / `tiny-small`
+    (tiny students that share a tokenizer with --env's tiny expert)"""
+    teacher: str | None = None
+    """the teacher (frozen; the paper's are GRPO-trained). Auto: for a tiny student, tiny-expert:coin-doors on the
+    default env (an imperfect teacher, trained briefly) and --env's tiny expert elsewhere; qwen3-8b for a real one"""
+    env: str = "twx:coin:numLocations=4,includeDoors=1"
+    """environment spec, e.g. twx:simonsays, scienceworld:boil, alfworld (see envs/)"""
+    thinking: bool = False
+    """Qwen3 thinking mode in the chat template (the tiny models do not think)"""
+    user_model: str | None = None
+    """the customer of conversational envs (tau2:*), played by this model (any name the student takes; a whole
+    copy per rank, greedy); unset = the env's scripted stand-in, which answers from the task's scenario"""
+
+    # Rollouts
+    num_envs: int = 16
+    """episodes played by each rank per iteration, whole groups (the global batch is num_envs x world size)"""
+    max_turns: int | None = None
+    """turns per episode before it is cut; 0 = the environment's default (auto: 12 tiny, 0 real)"""
+    max_new_tokens: int | None = None
+    """tokens a turn may generate (auto: 24 tiny, 512 real; more with --thinking)"""
+    max_seq_len: int | None = None
+    """tokens an episode may hold; a turn that would not fit ends the episode as truncated (auto: 2048 tiny,
+    16384 real)"""
+    temperature: float = 1.0
+    """sampling temperature of training rollouts (the paper's 1; the losses use the untempered log-probs)"""
+    cache_turns: bool = True
+    """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster;
+    the memory grows with episodes x tokens; turn off if rollouts run out of memory)"""
+
+    # Optimization
+    total_iterations: int = 30
+    """training iterations: one batch of rollouts and --update-epochs x --num-minibatches optimizer steps each"""
+    learning_rate: float | None = None
+    """AdamW learning rate (auto: 2e-3 tiny, 1e-6 real)"""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """learning rate after warmup: constant, or decaying to 0 at the end"""
+    warmup_iterations: int = 0
+    """linear learning rate warmup"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    num_minibatches: int = 4
+    """optimizer steps per epoch: the rollout batch is split into this many mini-batches"""
+    update_epochs: int = 1
+    """passes over each rollout batch (PPO epochs)"""
+    micro_batch_tokens: int | None = None
+    """token budget of one forward/backward micro-batch, gradient accumulation within a mini-batch (auto:
+    4096 tiny, 16384 real)"""
+    activation_checkpointing: bool = False
+    """recompute decoder layers in backward to save memory (real models)"""
+
+    # Evaluation and checkpoints
+    eval_interval: int = 5
+    """evaluate the student every N iterations"""
+    eval_episodes: int = 64
+    """held-out episodes per evaluation (split over ranks)"""
+    eval_temperature: float = 0.0
+    """sampling temperature of evaluation (0 = greedy; the paper validates at 0.4)"""
+    save_interval: int = 20
+    """write a resumable checkpoint every N iterations (and at the end)"""
+    resume: str | None = None
+    """a run folder (or its checkpoint.pt) to continue from"""
+
+    # Algorithm specific arguments
+    mode: Literal["atod", "opd", "grpo", "constant"] = "atod"
+    """atod: annealed kappa and rho; opd: OPD only (rho = 0); grpo: GRPO only (kappa = 0); constant: kappa = rho
+    = 1 (no annealing)"""
+    group_size: int | None = None
+    """G: episodes of the same task per group, the GRPO baseline being the group's mean reward (auto: 8, the
+    paper's, real; 4 tiny, so that the tiny default's 16 episodes hold 4 tasks)"""
+    reward: Literal["success", "score"] = "success"
+    """the outcome reward of an episode: success (0/1, the paper's) or the env's score"""
+    anneal_iterations: int | None = None
+    """iterations over which kappa goes 1 -> 0.1 and rho 1 -> 2 (the paper: 80 of 150); auto: the same fraction
+    of --total-iterations"""
+    weighting: Literal["tdur", "token", "none"] = "tdur"
+    """weights of the OPD term: tdur (per turn, the paper's), token (the same, per token: an ablation), none (w = 1)"""
+    renormalize_weights: bool = False
+    """scale each trajectory's T-DUR weights to mean 1 over its tokens (the paper does not say; off = as written)"""
+    clip_eps: float = 0.2
+    """PPO clip range of the importance ratio to the rollout-time student"""
+    opd_loss: Literal["sampled", "full"] | None = None
+    """sampled: A_OPD on the sampled token, inside the surrogate (the paper's); full: the exact reverse KL over the
+    vocabulary, weighted by kappa w, beside the surrogate (auto: full tiny, sampled real)"""
+
+
+# "Auto" arguments (None above): the embedded tiny default's values, and a real model's.
+TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=2e-3, micro_batch_tokens=4096, opd_loss="full",
+            group_size=4)
+REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
+            opd_loss="sampled", group_size=8)
+REAL_TEACHER = "qwen3-8b"
+TINY_TEACHER = "tiny-expert:coin-doors"  # the default env's imperfect teacher (common/tiny.py MORE_EXPERTS)
+PAPER_ANNEAL_FRACTION = 80 / 150
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the annealing schedule
+# ----------------------------------------------------------------------------------------------------
+def kappa_rho(iteration: int, args: Args) -> tuple[float, float]:
+    """(kappa, rho) at `iteration` (0-based): p = min(s / S_anneal, 1), kappa = max(0.1, 1 - 0.9 p), rho = 1 + p;
+    the baselines fix them."""
+    if args.mode == "opd":
+        return 1.0, 0.0
+    if args.mode == "grpo":
+        return 0.0, 1.0
+    if args.mode == "constant":
+        return 1.0, 1.0
+    p = min(iteration / max(args.anneal_iterations, 1), 1.0)
+    return max(0.1, 1.0 - 0.9 * p), 1.0 + p
+
+
+def lr_at(iteration: int, args: Args) -> float:
+    if iteration < args.warmup_iterations:
+        return args.learning_rate * (iteration + 1) / args.warmup_iterations
+    p = (iteration - args.warmup_iterations) / max(1, args.total_iterations - args.warmup_iterations)
+    return args.learning_rate * {"constant": 1.0, "cosine": 0.5 * (1.0 + math.cos(math.pi * p)), "linear": 1.0 - p}[args.lr_schedule]
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: group rollouts. The student alone plays every turn. Rows come in blocks (a group of G episodes
+# of one task in training; all rows in evaluation), each turn of a block sampled from its own generator, seeded
+# by (block seed, turn): a group's episodes are the same however the batch is split over ranks (whatever the
+# other ranks generate), and a resumed run draws them again identically.
+# ----------------------------------------------------------------------------------------------------
+def truncate_if_full(ep: Episode, args: Args) -> bool:
+    """End an episode whose next turn could pass --max-seq-len (logged as truncated, never a crash)."""
+    if len(ep) + args.max_new_tokens > args.max_seq_len:
+        ep.truncated = True
+        return True
+    return False
+
+
+def rollout(student, tokenizer, pool, seeds, args: Args, block_seeds: list[int], temperature: float,
+            max_turns: int) -> list[Episode]:
+    eot = end_of_turn_id(tokenizer)
+    device = next(student.parameters()).device
+    block = math.ceil(len(seeds) / len(block_seeds))
+    episodes = []
+    for env, seed in zip(pool, seeds):
+        obs, info = env.reset(seed)
+        episodes.append(Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=info["task"], seed=seed))
+    active = [i for i, ep in enumerate(episodes) if not truncate_if_full(ep, args)]
+    caches = [TurnCache() for _ in episodes]
+    for turn in range(max_turns):
+        if all_max(len(active)) == 0:  # FSDP: every rank runs the same generate calls, so all stop together
+            break
+        replies = {}
+        for b, block_seed in enumerate(block_seeds):
+            rows = [i for i in active if i // block == b]
+            if all_max(len(rows)) == 0:
+                continue
+            sampler = torch.Generator(device=device).manual_seed(block_seed * 1009 + turn)
+            outs = generate_replies(student, tokenizer, [episodes[i].ids for i in rows], args.max_new_tokens,
+                                    temperature, generator=sampler,
+                                    caches=[caches[i] for i in rows] if args.cache_turns else None)
+            replies.update(zip(rows, outs))
+        still_playing = []
+        for i in active:
+            ep = episodes[i]
+            ep.append_reply(replies[i], STUDENT, eot)
+            text = tokenizer.decode(replies[i], skip_special_tokens=True)
+            ep.replies.append(text)
+            obs, reward, env_done, info = pool[i].step(text)
+            ep.reward += reward
+            ep.success, ep.score = bool(info["success"]), float(info["score"])
+            ep.invalid_turns += int(info["invalid"])
+            if env_done:
+                ep.done = True
+            else:
+                ep.append_observation(tokenizer, obs, args.thinking)
+                if not truncate_if_full(ep, args):
+                    still_playing.append(i)
+                    continue
+            caches[i] = None  # the episode is over: free its cache
+        active = still_playing
+    return episodes
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the advantages. GRPO per trajectory from its group's rewards; T-DUR weights per turn from the
+# rollout-time log-probs of the student and the teacher; the hybrid per token. Pure functions of tensors.
+# ----------------------------------------------------------------------------------------------------
+def grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(r_i - mean of its group) / (std of its group + 1e-6), rewards [N] in groups of consecutive rows.
+    A group whose rewards are all equal gets 0 (no signal, no division by zero). std: unbiased, as verl's GRPO."""
+    r = rewards.view(-1, group_size).double()
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1).float()
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    """Min-max normalised to [0, 1]; 0.5 everywhere when the range is below 1e-8."""
+    lo, hi = x.min(), x.max()
+    return torch.full_like(x, 0.5) if hi - lo < 1e-8 else (x - lo) / (hi - lo)
+
+
+def tdur_weights(logp_s: torch.Tensor, logp_t: torch.Tensor, turn_id: torch.Tensor, mask: torch.Tensor,
+                 per: str = "turn", renormalize: bool = False) -> torch.Tensor:
+    """T-DUR weights [B, T] (0 outside `mask`). For each row, over its units (turns, or tokens with per="token"):
+    d = mean |log pi_s - log pi_t|, h = mean(-log pi_s) over the unit's masked tokens, each min-max normalised
+    over the row's units; w = 1 - (1 - d)(1 - h), given to each of the unit's tokens. With `renormalize`, each
+    row's weights are scaled to mean 1 over its tokens (a row of all-zero weights stays 0)."""
+    weights = torch.zeros_like(logp_s)
+    for b in range(logp_s.shape[0]):
+        pos = mask[b].nonzero().squeeze(-1)
+        if pos.numel() == 0:
+            continue
+        unit = turn_id[b, pos] if per == "turn" else torch.arange(pos.numel())
+        units, index = unit.unique(return_inverse=True)
+        count = torch.zeros(len(units)).index_add_(0, index, torch.ones(pos.numel()))
+        d = torch.zeros(len(units)).index_add_(0, index, (logp_s[b, pos] - logp_t[b, pos]).abs().float()) / count
+        h = torch.zeros(len(units)).index_add_(0, index, -logp_s[b, pos].float()) / count
+        w = (1 - (1 - minmax(d)) * (1 - minmax(h)))[index]
+        if renormalize and w.sum() > 0:
+            w = w * pos.numel() / w.sum()
+        weights[b, pos] = w
+    return weights
+
+
+def hybrid_advantages(logp_old: torch.Tensor, logp_t: torch.Tensor, weights: torch.Tensor, adv_grpo: torch.Tensor,
+                      mask: torch.Tensor, kappa: float, rho: float, opd_in_surrogate: bool = True) -> torch.Tensor:
+    """A_t = kappa w_t (log pi_t - log pi_old) + rho A_GRPO_i on the masked tokens [B, T] (Eq 8). Without
+    `opd_in_surrogate` (--opd-loss full) only rho A_GRPO: the OPD term is then the exact KL beside the surrogate."""
+    opd = kappa * weights * (logp_t - logp_old) if opd_in_surrogate else torch.zeros_like(logp_old)
+    return (opd + rho * adv_grpo[:, None]) * mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the losses. Per-token terms first (unit-tested against their definitions), then the loss of one
+# micro-batch: the sum over its trajectories of each one's token mean (the training step divides by the
+# mini-batch's number of trajectories) and the statistics to log.
+# ----------------------------------------------------------------------------------------------------
+def clipped_surrogate(logp_s: torch.Tensor, logp_old: torch.Tensor, advantage: torch.Tensor, clip_eps: float) -> torch.Tensor:
+    """PPO's loss per token: -min(r A, clip(r, 1 - eps, 1 + eps) A), r = pi_s(y_t) / pi_old(y_t)."""
+    ratio = torch.exp(logp_s - logp_old)
+    return -torch.min(ratio * advantage, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantage)
+
+
+def full_reverse_kl(full_s: torch.Tensor, full_t: torch.Tensor) -> torch.Tensor:
+    """KL(pi_s || pi_t) = sum_v pi_s(v) (log pi_s(v) - log pi_t(v)), from full log-prob rows [N, V]."""
+    return (full_s.exp() * (full_s - full_t)).sum(-1)
+
+
+def atod_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, dict]:
+    """(sum over the micro-batch's trajectories of their token-mean loss, statistics). `mb` holds the batch
+    tensors, the rollout student's log-probs (`old_logp`), the teacher's (`teacher_logp`), the hybrid advantages
+    (`advantages`), each token's 1 / (its trajectory's token count) (`token_share`), and for --opd-loss full the
+    teacher's full rows at the trained positions (`teacher_full`) and each token's kappa w (`kl_coef`)."""
+    mask = mb["loss_mask"].clone()
+    mask[:, 0] = False  # the first token is never predicted
+    full = args.opd_loss == "full"
+    s = token_logprobs(student, mb["input_ids"], mb["attention_mask"], mask, full=full)
+    logp_s, logp_old = s.logp, mb["old_logp"]
+    tokens = clipped_surrogate(logp_s, logp_old, mb["advantages"], args.clip_eps)
+    if full:  # the OPD term as the exact reverse KL, weighted by kappa w (rows in mask order)
+        kl = torch.zeros_like(logp_s).index_put(mask.nonzero(as_tuple=True), full_reverse_kl(s.full, mb["teacher_full"]))
+        tokens = tokens + mb["kl_coef"] * kl
+    loss_sum = (tokens * mb["token_share"] * mask).sum()
+    with torch.no_grad():
+        log_ratio = (logp_s - logp_old) * mask
+        stats = {
+            "loss": loss_sum.item(),  # summed per-trajectory token means
+            "clipped": ((log_ratio.exp() - 1).abs().gt(args.clip_eps) & mask).sum().item(),
+            "approx_kl": ((log_ratio.exp() - 1 - log_ratio) * mask).sum().item(),  # k3 estimate of KL(old || new)
+            "tokens": mask.sum().item(),
+        }
+    return loss_sum, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# FSDP2 wrapping and the training step
+# ----------------------------------------------------------------------------------------------------
+def shard(model, device, trainable: bool, activation_checkpointing: bool = False):
+    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, LM head).
+    bf16 compute with fp32 reductions on GPU; fp32 on CPU (bf16 is about 10x slower there)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.to(device)
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    # A frozen teacher frees its gathered root parameters after each forward; the student keeps them
+    # for its backward (FSDP2's default for the root).
+    fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
+    return model
+
+
+def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher_scores, old_logp, advantages, kl_coef,
+               args: Args, world: int, device) -> dict:
+    """One iteration's updates: --update-epochs passes over the rollout batch, each split into --num-minibatches
+    mini-batches, one optimizer step each. Inside a mini-batch, micro-batches of at most --micro-batch-tokens
+    accumulate gradients. Returns the summed statistics of the micro-batches and the mean gradient norm."""
+    loss_mask = batch["loss_mask"].clone()
+    loss_mask[:, 0] = False
+    full_rows = None
+    if teacher_scores.full is not None:  # map each trained position to its row of the teacher's full distributions
+        full_rows = torch.full(loss_mask.shape, -1, dtype=torch.long)
+        full_rows[loss_mask] = torch.arange(int(loss_mask.sum()))
+    n_tokens = loss_mask.sum(1)
+    token_share = (1.0 / n_tokens.clamp(min=1).float())[:, None].expand(loss_mask.shape)  # a token mean per trajectory
+    stats_sum = {"loss": 0.0, "clipped": 0.0, "approx_kl": 0.0, "tokens": 0.0}
+    grad_norms, skipped, no_signal = [], 0, 0
+    for epoch in range(args.update_epochs):
+        for m in range(args.num_minibatches):
+            rows = list(range(m, len(episodes), args.num_minibatches))
+            counts = all_sum({"n": int((n_tokens[rows] > 0).sum()), "signal": int(((advantages[rows] != 0) | (kl_coef[rows] != 0)).sum())})
+            trajectories = counts["n"]
+            if counts["signal"] == 0:  # no advantage, no KL (GRPO on flat groups): a zero gradient, and AdamW would
+                no_signal += 1         # still move the weights along its momentum; so no step
+                continue
+            order = sorted(rows, key=lambda r: len(episodes[r]))  # similar lengths together: less padding
+            groups = pack_by_tokens([len(e) for e in episodes], args.micro_batch_tokens, order)
+            n_max = all_max(len(groups))  # every rank runs as many forward/backward passes
+            optimizer.zero_grad(set_to_none=True)
+            for j in range(n_max):
+                student.set_requires_gradient_sync(j == n_max - 1)  # reduce gradients once, after the last
+                idx = groups[j] if j < len(groups) else groups[0][:1]  # a rank with fewer micro-batches repeats
+                weight = 1.0 if j < len(groups) else 0.0               # one row with zero weight, to stay in step
+                width = max(len(episodes[i]) for i in idx)  # right padding beyond the longest row is cut
+                mb = {k: batch[k][idx, :width].to(device) for k in ("input_ids", "attention_mask", "loss_mask")}
+                for k, v in (("teacher_logp", teacher_scores.logp), ("old_logp", old_logp), ("advantages", advantages),
+                             ("kl_coef", kl_coef), ("token_share", token_share)):
+                    mb[k] = v[idx, :width].to(device)
+                if full_rows is not None:
+                    mb["teacher_full"] = teacher_scores.full[full_rows[idx, :width][loss_mask[idx, :width]]].to(device)
+                loss_sum, stats = atod_loss(student, mb, args)
+                # The mini-batch's loss is a mean over its trajectories on every rank; FSDP averages gradients
+                # over ranks, hence the factor world.
+                loss = loss_sum * weight * world / max(trajectories, 1.0)
+                loss.backward()
+                for key, v in stats.items():
+                    stats_sum[key] = stats_sum.get(key, 0.0) + v * weight
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if math.isfinite(grad_norm):
+                optimizer.step()
+                grad_norms.append(grad_norm)
+            else:  # a non-finite loss or gradient: skip the step, keep the weights, log it
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+    return {**stats_sum, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "skipped_steps": skipped,
+            "no_signal_steps": no_signal}
+
+
+def check_args(args: Args) -> None:
+    """One-line errors for bad input, before anything is loaded (the shared arguments in common/runs.py)."""
+    check_rollout_args(args)
+    if args.group_size < 2:
+        raise SystemExit("error: --group-size must be at least 2 (GRPO compares the episodes of a group)")
+    if args.num_envs % args.group_size:
+        raise SystemExit(f"error: --num-envs ({args.num_envs}) must be a multiple of --group-size ({args.group_size}): "
+                         "each rank plays whole groups")
+    if args.temperature != 1 and args.opd_loss == "sampled":
+        raise SystemExit("error: --temperature must be 1 with --opd-loss sampled (its log-probs are of the untempered "
+                         "student); sample at another temperature only with --opd-loss full")
+    if args.clip_eps <= 0 or args.update_epochs < 1 or args.anneal_iterations < 0:
+        raise SystemExit("error: --clip-eps must be positive, --update-epochs at least 1, --anneal-iterations 0 or more")
+
+
+if __name__ == "__main__":
+    # ---- INFRASTRUCTURE: arguments, process group, seeds, models, run folder (common/ holds the details) ----
+    args = tyro.cli(Args)
+    fill_defaults(args, TINY, REAL)
+    if args.anneal_iterations is None:
+        args.anneal_iterations = round(PAPER_ANNEAL_FRACTION * args.total_iterations)
+    check_args(args)
+    resume_path = checkpoint.resolve(args.resume) if args.resume else None
+    rank, world, device = setup()
+    try:
+        envs.make(args.env, seed=args.seed).close()  # a bad spec fails here, in one line
+        if args.teacher is None and is_tiny(args.student) and args.env == Args.env:
+            args.teacher = TINY_TEACHER
+        args.student = student_name(args.student, args.env)
+        args.teacher = teacher_name(args.teacher, args.student, args.env, REAL_TEACHER)
+        user = env_user(args.user_model, args.env, device)  # {} or {"user": the customer model}
+    except (envs.EnvError, ModelError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    seed_everything(args.seed + rank)  # each rank its own stream; the run is reproducible from --seed
+    generators = {}  # rollouts draw from generators seeded by (--seed, task, turn): nothing to checkpoint
+
+    # The student trains, the teacher is frozen; both sharded with FSDP2.
+    student, tokenizer, (teacher,) = load_student_and_teachers(args.student, [args.teacher], device, args.max_seq_len)
+    student = shard(student, device, trainable=True, activation_checkpointing=args.activation_checkpointing)
+    teacher = shard(teacher, device, trainable=False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
+                                  weight_decay=args.weight_decay)
+
+    start_iteration, name, extra = 0, run_name(args.env, args.exp_name, args.seed), {"best_success_rate": 0.0}
+    if resume_path:
+        start_iteration, name, extra = checkpoint.load(resume_path, student, optimizer, generators)
+    run_dir = os.path.join(args.runs_dir, name)
+    writer = open_writer(args, run_dir, name, start_iteration if resume_path else None) if rank == 0 else None
+    if rank == 0:
+        print(f"run {name}: {world} rank(s) on {device}, student {args.student}, teacher {args.teacher}, env {args.env}")
+
+    # Environments are made once and reset for every episode (a TextWorld-Express env is a JVM process).
+    # Their own randomness comes from (--seed, split, episode seed): the same episode on any rank.
+    pool = [envs.make(args.env, seed=args.seed, split="train", **user) for _ in range(args.num_envs)]
+    eval_pool = [envs.make(args.env, seed=args.seed, split="heldout", **user) for _ in range(args.num_envs)]
+    max_turns = args.max_turns or pool[0].max_turns
+    groups_per_rank = args.num_envs // args.group_size
+
+    def evaluate_alone(model):
+        """The model alone on the held-out seeds."""
+        with gathered(model):
+            return evaluate(lambda p, s: rollout(model, tokenizer, p, s, args, [args.seed + 12345 + (s[0] if s else 0)],
+                                                 args.eval_temperature, max_turns),
+                            eval_pool, args.eval_episodes, rank, world)
+
+    # The teacher alone, once: the level the student should pass.
+    if start_iteration == 0:
+        teacher_eval, _ = evaluate_alone(teacher)
+        student_eval, _ = evaluate_alone(student)
+        extra["best_success_rate"] = student_eval["success_rate"]
+        if rank == 0:
+            log_scalars(writer, "teacher", teacher_eval, 0)
+            log_scalars(writer, "eval", {**student_eval, "best_success_rate": student_eval["success_rate"]}, 0)
+            print(f"teacher held-out success {teacher_eval['success_rate']:.2f}, "
+                  f"student before training {student_eval['success_rate']:.2f}")
+
+    for iteration in range(start_iteration, args.total_iterations):
+        t_iter = time.time()
+        kappa, rho = kappa_rho(iteration, args)
+        lr = lr_at(iteration, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # ALGO LOGIC: group rollouts, the student alone; a group's G episodes play one task (one seed)
+        t0 = time.time()
+        tasks = [(iteration * world + rank) * groups_per_rank + k for k in range(groups_per_rank)]
+        seeds = [task for task in tasks for _ in range(args.group_size)]
+        with gathered(student):
+            episodes = rollout(student, tokenizer, pool, seeds, args, [args.seed * 1_000_003 + task for task in tasks],
+                               args.temperature, max_turns)
+        t_rollout = time.time() - t0
+
+        # Scoring: the teacher's and the rollout-time student's log-probs of every agent token (the teacher's full
+        # distributions too for --opd-loss full), then the advantages: GRPO per group, T-DUR weights, the hybrid.
+        t0 = time.time()
+        batch = collate(episodes, tokenizer.pad_token_id)
+        scores = score_teacher(teacher, batch, batch["loss_mask"], args.micro_batch_tokens, full=args.opd_loss == "full")
+        old_logp = score_teacher(student, batch, batch["loss_mask"], args.micro_batch_tokens).logp
+        scored = batch["loss_mask"].clone()
+        scored[:, 0] = False
+        rewards = torch.tensor([float(ep.success) if args.reward == "success" else ep.score for ep in episodes])
+        adv_grpo = grpo_advantages(rewards, args.group_size)
+        if args.weighting == "none":
+            weights = scored.float()
+        else:
+            weights = tdur_weights(old_logp, scores.logp, batch["turn_id"], scored, args.weighting, args.renormalize_weights)
+        opd_sampled = args.opd_loss == "sampled"
+        advantages = hybrid_advantages(old_logp, scores.logp, weights, adv_grpo, scored, kappa, rho, opd_sampled)
+        kl_coef = torch.zeros_like(weights) if opd_sampled else kappa * weights
+        group_std = rewards.view(-1, args.group_size).std(1)
+        t_teacher = time.time() - t0
+
+        # ALGO LOGIC: the training step
+        t0 = time.time()
+        step = train_step(student, optimizer, episodes, batch, scores, old_logp, advantages, kl_coef, args, world, device)
+        t_train = time.time() - t0
+
+        # ---- INFRASTRUCTURE: logging (sums over every rank's episodes and micro-batches), eval, checkpoint ----
+        n_rows = scored.any(1).sum().item()
+        totals = all_sum({**episode_sums(episodes), **{k: v for k, v in step.items() if k not in ("grad_norm", "skipped_steps", "no_signal_steps")},
+                          "groups": len(tasks), "flat_groups": int((group_std < 1e-8).sum()), "group_std": group_std.sum().item(),
+                          "reward": rewards.sum().item(), "weight_sum": (weights * scored).sum().item(),
+                          "scored": scored.sum().item(), "trajectories": n_rows,
+                          "reverse_kl": ((old_logp - scores.logp) * scored).sum().item()})  # sampled estimate, rollout time
+        completed = iteration + 1
+        if rank == 0:
+            rates = episode_means(totals)
+            n_tok, n_traj = max(totals["tokens"], 1), max(totals["trajectories"], 1) * args.update_epochs
+            losses = {"loss": totals["loss"] / n_traj, "reverse_kl": totals["reverse_kl"] / max(totals["scored"], 1),
+                      "clipfrac": totals["clipped"] / n_tok, "approx_kl": totals["approx_kl"] / n_tok,
+                      "grad_norm": step["grad_norm"], "skipped_steps": step["skipped_steps"], "no_signal_steps": step["no_signal_steps"]}
+            log_scalars(writer, "charts", {**rates, "learning_rate": lr, "reward": totals["reward"] / totals["episodes"],
+                                           "reward_std_in_group": totals["group_std"] / totals["groups"],
+                                           "flat_group_fraction": totals["flat_groups"] / totals["groups"],
+                                           "turn_weight_mean": totals["weight_sum"] / max(totals["scored"], 1),
+                                           "tokens_per_second": totals["agent_tokens"] / max(time.time() - t_iter, 1e-9)}, completed)
+            log_scalars(writer, "losses", losses, completed)
+            log_scalars(writer, "schedule", {"kappa": kappa, "rho": rho}, completed)
+            log_scalars(writer, "time", {"rollout": t_rollout, "teacher": t_teacher, "train": t_train}, completed)
+            print(f"iter {iteration:4d}  kappa {kappa:.2f}  rho {rho:.2f}  success {rates['success_rate']:.2f}  "
+                  f"turns {rates['episode_turns']:5.1f}  flat groups {totals['flat_groups']:.0f}/{totals['groups']:.0f}  "
+                  f"rkl {losses['reverse_kl']:.3f}  loss {losses['loss']:.4f}  grad {step['grad_norm']:.2f}"
+                  + (f"  ({step['skipped_steps']} non-finite steps skipped)" if step["skipped_steps"] else ""), flush=True)
+
+        if completed % args.eval_interval == 0 or completed == args.total_iterations:
+            ev, eval_eps = evaluate_alone(student)
+            extra["best_success_rate"] = max(extra["best_success_rate"], ev["success_rate"])
+            if rank == 0:
+                log_scalars(writer, "eval", {**ev, "best_success_rate": extra["best_success_rate"]}, completed)
+                for ep in eval_eps[:2]:
+                    writer.add_text("eval/trajectory", trajectory_text(tokenizer, ep), completed)
+                print(f"eval after {completed} iterations: held-out success {ev['success_rate']:.2f} "
+                      f"(best {extra['best_success_rate']:.2f}), score {ev['score']:.2f}, turns {ev['episode_turns']:.1f}", flush=True)
+        if completed % args.save_interval == 0 or completed == args.total_iterations:
+            checkpoint.save(os.path.join(run_dir, "checkpoint.pt"), student, optimizer, completed, name, generators, extra)
+
+    # Final save: the full student on rank 0 in Hugging Face format (AutoModelForCausalLM loads it).
+    checkpoint.save_final(student, tokenizer, os.path.join(run_dir, "final"))
+    if rank == 0:
+        writer.close()
+        print(f"saved the student to {os.path.join(run_dir, 'final')}")
+    for env in pool + eval_pool:
+        env.close()
+    cleanup()
