@@ -259,6 +259,12 @@ def collect_expert_data(experts: Teachers, tokenizer, pools: dict, args: Args, s
     return data, rates
 
 
+def score_by_task(experts: Teachers, batch: dict, episodes: list[Episode], full: bool):
+    """Each episode scored by its own task's expert only (the paper: "for a prompt from task i, ... the
+    corresponding teacher"): log pi_T at every agent token, and the full rows for the exact losses."""
+    return experts.score(batch, batch["loss_mask"], [ep.task for ep in episodes], full=full)
+
+
 def expert_batch(data: dict, iteration: int, args: Args, rank: int, world: int) -> list[Episode]:
     """This rank's share of phase-1 iteration `iteration`'s batch: slot k of the global batch takes the next
     episode of its task's data (task_of_slot), which is passed through in a new random order each epoch. The
@@ -536,7 +542,7 @@ if __name__ == "__main__":
         t0 = time.time()
         batch = collate(episodes, tokenizer.pad_token_id)
         need_full = (args.teacher_loss if phase == 1 else args.student_loss) == "full"
-        scores = experts.score(batch, batch["loss_mask"], [ep.task for ep in episodes], full=need_full)
+        scores = score_by_task(experts, batch, episodes, full=need_full)
         t_teacher = time.time() - t0
 
         # ALGO LOGIC: the training step

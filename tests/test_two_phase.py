@@ -158,11 +158,11 @@ def test_rollouts_are_routed_to_their_tasks_expert(process_group):
     episodes = tp.rollout(student, tok, pool, tasks, [0, 1, 2, 3], STUDENT, args, torch.Generator().manual_seed(0), 1.0, 3)
     assert [ep.task for ep in episodes] == tasks == [args.tasks[0], args.tasks[1]] * 2
     batch = collate(episodes, tok.pad_token_id)
-    routed = Teachers(experts).score(batch, batch["loss_mask"], [ep.task for ep in episodes], full=True)
+    routed = tp.score_by_task(Teachers(experts), batch, episodes, full=True)
     for i, ep in enumerate(episodes):
         own = score_teacher(experts[ep.task], {k: batch[k][i:i + 1] for k in batch}, batch["loss_mask"][i:i + 1])
         other = score_teacher(experts[tasks[1 - i % 2]], {k: batch[k][i:i + 1] for k in batch}, batch["loss_mask"][i:i + 1])
-        assert torch.allclose(routed.logp[i], own.logp[0], atol=1e-5)
+        assert torch.allclose(routed.logp[i], own.logp[0], atol=1e-5) and routed.logp[i].abs().sum() > 0
         assert not torch.allclose(routed.logp[i], other.logp[0], atol=1e-3)
     for env in pool:
         env.close()
