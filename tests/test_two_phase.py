@@ -281,6 +281,7 @@ def test_torchrun_two_ranks_gives_the_single_process_run(tmp_path):
                                "charts/episode_turns", "eval/success_rate", "schedule/phase"])
     turns = scalars(one, "charts/episode_turns")  # not degenerate: episodes end at different turns in both phases
     assert 1 < turns[1] < 5 and 1 < turns[2] < 5 and min(turns[3], turns[4]) < 5, turns
+    assert all(v > 0 for v in scalars(two, "losses/grad_norm").values())  # the gradients reached the weights
     w1, w2 = final_weights(one), final_weights(two)
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6, rtol=1e-5) for k in w1)
 
