@@ -103,9 +103,9 @@ class Args:
     the memory grows with episodes x tokens; turn off if rollouts run out of memory)"""
 
     # Optimization
-    phase1_iterations: int = 40
+    phase1_iterations: int = 50
     """off-policy iterations (phase 1): batches of the experts' episodes, --num-minibatches optimizer steps each"""
-    phase2_iterations: int = 40
+    phase2_iterations: int = 50
     """on-policy iterations (phase 2): a batch of student rollouts and --num-minibatches optimizer steps each"""
     learning_rate: float | None = None
     """AdamW learning rate (auto: 2e-3 tiny, 1e-6 real)"""
@@ -117,7 +117,7 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
-    num_minibatches: int = 6
+    num_minibatches: int = 12
     """optimizer steps per iteration: the batch is split into this many mini-batches"""
     micro_batch_tokens: int | None = None
     """token budget of one forward/backward micro-batch, gradient accumulation within a mini-batch (auto:
@@ -126,19 +126,19 @@ class Args:
     """recompute decoder layers in backward to save memory (real models)"""
 
     # Evaluation and checkpoints
-    eval_interval: int = 40
+    eval_interval: int = 50
     """evaluate the student on every task every N iterations"""
     eval_episodes: int = 32
     """held-out episodes per task and evaluation (split over ranks)"""
     eval_temperature: float = 0.0
     """sampling temperature of evaluation (0 = greedy)"""
-    save_interval: int = 20
+    save_interval: int = 25
     """write a resumable checkpoint every N iterations (and at the end)"""
     resume: str | None = None
     """a run folder (or its checkpoint.pt) to continue from"""
 
     # Algorithm specific arguments
-    expert_episodes: int = 200
+    expert_episodes: int = 100
     """phase 1 data: training seeds 0..N-1 of each task that its expert plays once, before training"""
     success_only: bool = True
     """keep only the experts' solved episodes as phase 1 data"""
