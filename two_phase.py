@@ -1,6 +1,6 @@
 """Two-phase distillation: many task experts into one multi-task agent, off-policy first, then on-policy.
 
-Paper: "Two-phase distillation" of RL-trained multi-turn agents, arXiv 2606.30044.
+Paper: arXiv 2606.30044 (https://arxiv.org/abs/2606.30044): two-phase distillation of per-task RL experts.
 
 One expert (teacher) per task, one student for all tasks. Off-policy distillation alone (forward KL on the
 experts' trajectories) is mode-covering: the pooled data of many tasks holds more behaviour than a small
