@@ -210,10 +210,9 @@ def rollout(student, tokenizer, pool, seeds, args: Args, block_seeds: list[int],
     eot = end_of_turn_id(tokenizer)
     device = next(student.parameters()).device
     block = math.ceil(len(seeds) / len(block_seeds))
-    episodes = []
-    for env, seed in zip(pool, seeds):
-        obs, info = env.reset(seed)
-        episodes.append(Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=info["task"], seed=seed))
+    resets = envs.call_all(pool, lambda env, seed: env.reset(seed), seeds)  # at once where the envs allow it
+    episodes = [Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=info["task"], seed=seed)
+                for env, seed, (obs, info) in zip(pool, seeds, resets)]
     active = [i for i, ep in enumerate(episodes) if not truncate_if_full(ep, args)]
     caches = [TurnCache() for _ in episodes]
     for turn in range(max_turns):
@@ -229,13 +228,13 @@ def rollout(student, tokenizer, pool, seeds, args: Args, block_seeds: list[int],
                                     temperature, generator=sampler,
                                     caches=[caches[i] for i in rows] if args.cache_turns else None)
             replies.update(zip(rows, outs))
+        texts = [tokenizer.decode(replies[i], skip_special_tokens=True) for i in active]
+        steps = envs.call_all([pool[i] for i in active], lambda env, text: env.step(text), texts)
         still_playing = []
-        for i in active:
+        for i, text, (obs, reward, env_done, info) in zip(active, texts, steps):
             ep = episodes[i]
             ep.append_reply(replies[i], STUDENT, eot)
-            text = tokenizer.decode(replies[i], skip_special_tokens=True)
             ep.replies.append(text)
-            obs, reward, env_done, info = pool[i].step(text)
             ep.reward += reward
             ep.success, ep.score = bool(info["success"]), float(info["score"])
             ep.invalid_turns += int(info["invalid"])

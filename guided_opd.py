@@ -44,7 +44,7 @@ import tyro
 import envs
 from common import checkpoint
 from common.dist import all_max, all_sum, cleanup, setup
-from common.episode import (STUDENT, TEACHER, Episode, TurnCache, collate, end_of_turn_id, episode_means,
+from common.episode import (STUDENT, TEACHER, BatchCache, Episode, TurnCache, collate, end_of_turn_id, episode_means,
                             episode_sums, generate_replies, pack_by_tokens)
 from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
 from common.runs import (check_rollout_args, evaluate, gathered, log_scalars, open_writer, run_name, seed_everything,
@@ -98,6 +98,9 @@ class Args:
     cache_turns: bool = True
     """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster;
     the memory grows with episodes x tokens; turn off if rollouts run out of memory)"""
+    batch_cache: bool = False
+    """the fast path for GPUs: keep the batch's caches in preallocated buffers written in place (BatchCache in
+    common/episode.py) and look for ended replies every 8 tokens instead of after each; the same replies"""
 
     # Optimization
     total_iterations: int = 100
@@ -206,13 +209,13 @@ def rollout(student, teacher, tokenizer, pool, seeds, beta: float, args: Args, s
     # one stream of role draws per episode, from the run's seed and the episode's: an episode gets the same
     # roles however the batch is split over ranks, and a resumed run draws them again identically
     role_rngs = [random.Random(f"{args.seed}/{seed}") for seed in seeds]
-    episodes = []
-    for env, seed in zip(pool, seeds):
-        obs, info = env.reset(seed)
-        episodes.append(Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=info["task"], seed=seed))
+    resets = envs.call_all(pool, lambda env, seed: env.reset(seed), seeds)  # at once where the envs allow it
+    episodes = [Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=info["task"], seed=seed)
+                for env, seed, (obs, info) in zip(pool, seeds, resets)]
     active = [i for i, ep in enumerate(episodes) if not truncate_if_full(ep, args)]
     # each model keeps its own cache per episode and catches up on the turns the other one wrote
-    caches = {role: [TurnCache() for _ in episodes] for role in (STUDENT, TEACHER)}
+    caches = {role: BatchCache(len(episodes)) if args.batch_cache else [TurnCache() for _ in episodes]
+              for role in (STUDENT, TEACHER)}
     for _ in range(max_turns):
         if all_max(len(active)) == 0:  # FSDP: every rank runs the same generate calls, so all stop together
             break
@@ -224,15 +227,16 @@ def rollout(student, teacher, tokenizer, pool, seeds, beta: float, args: Args, s
                 continue
             outs = generate_replies(model, tokenizer, [episodes[i].ids for i in writers], args.max_new_tokens,
                                     temperature, generator=sampler,
-                                    caches=[caches[role][i] for i in writers] if args.cache_turns else None)
+                                    caches=[caches[role][i] for i in writers] if args.cache_turns else None,
+                                    check_every=8 if args.batch_cache else 1)
             replies.update(zip(writers, outs))
+        texts = [tokenizer.decode(replies[i], skip_special_tokens=True) for i in active]
+        steps = envs.call_all([pool[i] for i in active], lambda env, text: env.step(text), texts)
         still_playing = []
-        for i in active:
+        for i, text, (obs, reward, env_done, info) in zip(active, texts, steps):
             ep = episodes[i]
             ep.append_reply(replies[i], roles[i], eot)
-            text = tokenizer.decode(replies[i], skip_special_tokens=True)
             ep.replies.append(text)
-            obs, reward, env_done, info = pool[i].step(text)
             ep.reward += reward
             ep.success, ep.score = bool(info["success"]), float(info["score"])
             ep.invalid_turns += int(info["invalid"])
@@ -406,6 +410,8 @@ def check_args(args: Args) -> None:
     if not (0 <= args.beta_end <= 1 and 0 <= args.beta_start <= 1) or args.adv_clip < 0 or args.ratio_clip < 0:
         raise SystemExit("error: --beta-start and --beta-end must be between 0 and 1, --adv-clip and --ratio-clip 0 (off) "
                          "or positive")
+    if args.batch_cache and not args.cache_turns:
+        raise SystemExit("error: --batch-cache keeps the caches between turns: drop --no-cache-turns or --batch-cache")
 
 
 if __name__ == "__main__":

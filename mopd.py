@@ -224,10 +224,10 @@ def env_call(domain: str, fn, *a):
 def rollout(student, tokenizer, pool, domains, seeds, args: Args, sampler: torch.Generator, temperature: float,
             max_turns: int) -> list[Episode]:
     eot = end_of_turn_id(tokenizer)
-    episodes = []
-    for env, domain, seed in zip(pool, domains, seeds):
-        obs, info = env_call(domain, env.reset, seed)
-        episodes.append(Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=domain, seed=seed))
+    # the envs reset and step at once where they allow it (envs.call_all); a failure names its domain
+    resets = envs.call_all(pool, lambda env, a: env_call(a[0], env.reset, a[1]), list(zip(domains, seeds)))
+    episodes = [Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=domain, seed=seed)
+                for env, domain, seed, (obs, info) in zip(pool, domains, seeds, resets)]
     active = [i for i, ep in enumerate(episodes) if not truncate_if_full(ep, args)]
     caches = [TurnCache() for _ in episodes]
     for _ in range(max_turns):
@@ -237,13 +237,14 @@ def rollout(student, tokenizer, pool, domains, seeds, args: Args, sampler: torch
                                 temperature, generator=sampler,
                                 caches=[caches[i] for i in active] if args.cache_turns else None)
         replies = dict(zip(active, outs))
+        texts = [tokenizer.decode(replies[i], skip_special_tokens=True) for i in active]
+        steps = envs.call_all([pool[i] for i in active], lambda env, a: env_call(a[0], env.step, a[1]),
+                              [(episodes[i].task, text) for i, text in zip(active, texts)])
         still_playing = []
-        for i in active:
+        for i, text, (obs, reward, env_done, info) in zip(active, texts, steps):
             ep = episodes[i]
             ep.append_reply(replies[i], STUDENT, eot)
-            text = tokenizer.decode(replies[i], skip_special_tokens=True)
             ep.replies.append(text)
-            obs, reward, env_done, info = env_call(ep.task, pool[i].step, text)
             ep.reward += reward
             ep.success, ep.score = bool(info["success"]), float(info["score"])
             ep.invalid_turns += int(info["invalid"])

@@ -208,10 +208,9 @@ def rollout(agent, tokenizer, pool, tasks, seeds, role: int, args: Args, sampler
             temperature: float, max_turns: int) -> list[Episode]:
     """`agent` plays episode seeds[i] of task tasks[i] on env pool[i]; the episodes remember their task."""
     eot = end_of_turn_id(tokenizer)
-    episodes = []
-    for env, task, seed in zip(pool, tasks, seeds):
-        obs, info = env.reset(seed)
-        episodes.append(Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=task, seed=seed))
+    resets = envs.call_all(pool, lambda env, seed: env.reset(seed), seeds)  # at once where the envs allow it
+    episodes = [Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=task, seed=seed)
+                for env, task, seed, (obs, info) in zip(pool, tasks, seeds, resets)]
     active = [i for i, ep in enumerate(episodes) if not truncate_if_full(ep, args)]
     caches = [TurnCache() for _ in episodes]
     for _ in range(max_turns):
@@ -220,13 +219,13 @@ def rollout(agent, tokenizer, pool, tasks, seeds, role: int, args: Args, sampler
         outs = generate_replies(agent, tokenizer, [episodes[i].ids for i in active], args.max_new_tokens,
                                 temperature, generator=sampler,
                                 caches=[caches[i] for i in active] if args.cache_turns else None)
+        texts = [tokenizer.decode(reply, skip_special_tokens=True) for reply in outs]
+        steps = envs.call_all([pool[i] for i in active], lambda env, text: env.step(text), texts)
         still_playing = []
-        for i, reply in zip(active, outs):
+        for i, reply, text, (obs, reward, env_done, info) in zip(active, outs, texts, steps):
             ep = episodes[i]
             ep.append_reply(reply, role, eot)
-            text = tokenizer.decode(reply, skip_special_tokens=True)
             ep.replies.append(text)
-            obs, reward, env_done, info = pool[i].step(text)
             ep.reward += reward
             ep.success, ep.score = bool(info["success"]), float(info["score"])
             ep.invalid_turns += int(info["invalid"])

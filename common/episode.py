@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 from common.dist import all_max
 
@@ -188,10 +189,199 @@ def _batched_cache(model, caches: list[TurnCache], width: int):
     return past
 
 
+class BatchCache:
+    """One model's key/value cache for a whole rollout batch, kept between turns in buffers that are
+    written in place: the fast path of `generate_replies` (for GPUs, where copying caches costs as much
+    as the attention that reads them).
+
+    `TurnCache` stores each episode compactly and rebuilds a padded batch cache every turn, and the
+    decoding loop then concatenates one column per token onto every layer: each turn copies the whole
+    cache several times. Here each episode owns one row of preallocated [episodes, kv_heads, columns,
+    head_dim] buffers per layer; a turn writes its new tokens (prefill) and each decoded token into the
+    next free columns, and attention reads the rows up to the last written column, with `real` masking
+    the columns that hold no token of the row (left padding of the batched prefill, rows that did not
+    write this turn, ended episodes). Every call runs the whole batch (rows without a reply to write
+    are masked): on a GPU decoding is bound by reading weights and caches, not by rows. When the
+    columns run out, rows are compacted (their real columns kept, right-aligned) into larger buffers.
+
+    Used like a list of per-episode caches: `caches[i]` is episode i's slot, `caches[i] = None` frees
+    it, and `generate_replies(..., caches=[caches[i] for i in writers])` takes the fast path."""
+
+    def __init__(self, episodes: int, headroom: float = 1.5):
+        self.rows = episodes
+        self.n = [0] * episodes  # how many tokens of each episode its row holds
+        self.headroom = headroom  # buffers grow to this multiple of what the next turn needs
+        self.col = 0  # columns written so far (shared by all rows)
+        self.capacity = 0
+        self.real: torch.Tensor | None = None  # [episodes, capacity] bool: the column holds a token of the row
+        self.past = None  # a transformers Cache of _BufferLayer, one per decoder layer
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, i: int) -> "_Slot":
+        return _Slot(self, i)
+
+    def __setitem__(self, i: int, value) -> None:
+        if value is not None:
+            raise ValueError("a BatchCache row can only be freed (set to None)")
+        self.n[i] = 0
+        if self.real is not None:
+            self.real[i] = False  # its columns are dropped at the next compaction
+
+    def reserve(self, model, columns: int, device) -> None:
+        """Make room for `columns` more columns: compact the rows into new, larger buffers if needed."""
+        if self.past is None:
+            self.past = Cache(layers=[_BufferLayer(self) for _ in range(model.config.num_hidden_layers)])
+        if self.col + columns <= self.capacity:
+            return
+        counts = self.real.sum(1) if self.real is not None else torch.zeros(self.rows, dtype=torch.long, device=device)
+        width = int(counts.max()) if self.rows else 0
+        capacity = int((width + columns) * self.headroom) + 1
+        real = torch.zeros((self.rows, capacity), dtype=torch.bool, device=device)
+        real[:, :width] = torch.arange(width, device=device)[None, :] >= (width - counts)[:, None]
+        if width:  # row r's real columns, in order, land at [width - count_r, width)
+            order = torch.sort(self.real[:, :self.col].long(), dim=1, stable=True).indices[:, -width:]
+            for layer in self.past.layers:
+                layer.move(order, capacity)
+        else:
+            for layer in self.past.layers:
+                layer.capacity = capacity
+                layer.keys = layer.values = None
+                layer.is_initialized = False
+        self.real, self.col, self.capacity = real, width, capacity
+
+
+class _Slot:
+    """Episode `row`'s place in a BatchCache (what `BatchCache[row]` returns)."""
+
+    def __init__(self, batch: BatchCache, row: int):
+        self.batch, self.row = batch, row
+
+    @property
+    def n(self) -> int:
+        return self.batch.n[self.row]
+
+
+class _BufferLayer(DynamicLayer):
+    """One decoder layer's keys and values of a BatchCache: a preallocated buffer written in place
+    (the step's new columns), returned as a view up to the last written column (no concatenation)."""
+
+    def __init__(self, owner: BatchCache):
+        super().__init__()
+        self.owner, self.capacity = owner, owner.capacity
+
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.keys = torch.zeros((b, h, self.capacity, d), dtype=self.dtype, device=self.device)
+        self.values = torch.zeros((b, h, self.capacity, value_states.shape[-1]), dtype=self.dtype, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.owner.col  # the owner moves its column after the whole forward pass
+        end = start + key_states.shape[2]
+        self.keys[:, :, start:end] = key_states
+        self.values[:, :, start:end] = value_states
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.owner.col
+
+    def move(self, order: torch.Tensor, capacity: int) -> None:
+        """Gather each row's columns `order[row]` into the first columns of new buffers of `capacity`."""
+        self.capacity = capacity
+        if not self.is_initialized:
+            return
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            b, h, _, d = old.shape
+            new = old.new_zeros((b, h, capacity, d))
+            idx = order[:, None, :, None].expand(b, h, order.shape[1], d)
+            new[:, :, :order.shape[1]] = old.gather(2, idx)
+            setattr(self, name, new)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """The next token of each row from its last logits: greedy at temperature 0, else sampled (nucleus
+    with top_p < 1), on the logits' device."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def _generate_in_place(model, tokenizer, prompts: list[list[int]], slots: list[_Slot], max_new_tokens: int,
+                       temperature: float, top_p: float, generator, check_every: int) -> list[list[int]]:
+    """`generate_replies` on a BatchCache: the whole batch runs, the rows of `slots` write replies."""
+    cache = slots[0].batch
+    if any(s.batch is not cache for s in slots):
+        raise ValueError("the slots of one generate_replies call must come from one BatchCache")
+    device = next(model.parameters()).device
+    eot = end_of_turn_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    rows = [s.row for s in slots]
+    new = []
+    for p, r in zip(prompts, rows):
+        if cache.n[r] >= len(p):
+            raise ValueError(f"a prompt of {len(p)} tokens does not extend its cache of {cache.n[r]} tokens")
+        new.append(p[cache.n[r]:])
+    S = max(len(x) for x in new)
+    cache.reserve(model, S + max_new_tokens, device)
+    B, C = cache.rows, cache.col
+    ids = torch.full((B, S), pad, dtype=torch.long)
+    positions = torch.zeros((B, S), dtype=torch.long)
+    written = torch.zeros((B, S), dtype=torch.bool)
+    for r, x in zip(rows, new):
+        ids[r, S - len(x):] = torch.tensor(x)
+        positions[r, S - len(x):] = torch.arange(cache.n[r], cache.n[r] + len(x))
+        written[r, S - len(x):] = True
+    cache.real[:, C:C + S] = written.to(device)
+    next_pos = torch.zeros(B, dtype=torch.long)
+    next_pos[rows] = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    writing = torch.zeros(B, dtype=torch.bool)
+    writing[rows] = True
+    step_ids, step_pos, next_pos = ids.to(device), positions.to(device), next_pos.to(device)
+    finished = ~writing.to(device)  # rows without a reply to write are finished from the start
+    out_tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=cache.real[:, :cache.col + step_ids.shape[1]],
+                    position_ids=step_pos, past_key_values=cache.past, use_cache=True, logits_to_keep=1)
+        cache.col += step_ids.shape[1]
+        nxt = torch.where(finished, pad, _sample(out.logits[:, -1, :], temperature, top_p, generator))
+        out_tokens[:, t] = nxt
+        in_reply = ~finished
+        just_done = in_reply & (nxt == eot)
+        lengths = torch.where(just_done, t + 1, lengths)
+        finished = finished | just_done
+        if t + 1 == max_new_tokens:
+            break
+        # the host looks at `finished` only every `check_every` tokens (each look waits for the device);
+        # the steps run after every reply has ended only feed masked padding
+        if (t + 1) % check_every == 0 and all_max(int(slots != [] and not bool(finished.all()))) == 0:
+            break
+        step_ids, step_pos = nxt[:, None], (next_pos + t)[:, None]
+        cache.real[:, cache.col] = in_reply
+    real_fed = cache.real[:, C:cache.col].sum(1).cpu()
+    for r in rows:
+        cache.n[r] += int(real_fed[r])
+    out_tokens, lengths = out_tokens.cpu(), lengths.cpu()
+    return [out_tokens[r, :lengths[r]].tolist() for r in rows]
+
+
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                      top_p: float = 1.0, generator: torch.Generator | None = None,
-                     caches: list[TurnCache] | None = None) -> list[list[int]]:
+                     caches: list[TurnCache] | list[_Slot] | None = None, check_every: int = 1) -> list[list[int]]:
     """Sample one turn for each prompt (a list of token ids), batched with left padding.
 
     Returns each reply's new tokens up to and including the first `<|im_end|>` (or `max_new_tokens`
@@ -202,7 +392,15 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     With `caches` (one TurnCache per prompt, for this model), each prompt must extend the sequence its
     cache has seen; only the new tokens are run, and the caches are updated in place. Padding holes
     inside the batch are masked out and every real token gets its position in its own episode
-    (explicit `position_ids`), so the result equals a run without caches up to float rounding."""
+    (explicit `position_ids`), so the result equals a run without caches up to float rounding.
+    With slots of a `BatchCache` (`[batch[i] for i in rows]`), the fast path runs instead: same replies.
+
+    `check_every`: how often (in tokens) the host checks whether every reply has ended; each check waits
+    for the device (and, with several ranks, for the others), so on a GPU a few wasted steps are cheaper
+    than a check per token. Every rank of a run must pass the same value."""
+    if caches and isinstance(caches[0], _Slot):
+        return _generate_in_place(model, tokenizer, prompts, caches, max_new_tokens, temperature, top_p, generator,
+                                  check_every)
     device = next(model.parameters()).device
     eot = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
@@ -236,25 +434,16 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
                     use_cache=True, logits_to_keep=1)
         past = out.past_key_values
-        logits = out.logits[:, -1, :].float()
-        if temperature <= 0:
-            nxt = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            if top_p < 1.0:
-                sorted_p, order = probs.sort(-1, descending=True)
-                keep = sorted_p.cumsum(-1) - sorted_p < top_p
-                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        nxt = torch.where(finished, pad, _sample(out.logits[:, -1, :], temperature, top_p, generator))
         out_tokens[:, t] = nxt
         in_reply = ~finished  # this token belongs to the reply (the closing <|im_end|> included)
         just_done = (~finished) & (nxt == eot)
         lengths = torch.where(just_done, torch.full_like(lengths, t + 1), lengths)
         finished |= just_done
+        if t + 1 == max_new_tokens:
+            break
         # FSDP: every rank runs as many forward passes as the rank with the longest reply
-        all_done = all_max(int(n_real > 0 and not bool(finished.all()))) == 0
-        if all_done or t + 1 == max_new_tokens:
+        if (t + 1) % check_every == 0 and all_max(int(n_real > 0 and not bool(finished.all()))) == 0:
             break
         step_ids = nxt[:, None]
         step_pos = (next_pos + t)[:, None]

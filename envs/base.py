@@ -97,6 +97,9 @@ class TextEnv(abc.ABC):
     max_turns: int = 30  # default episode length for this environment (the papers' settings where known)
     max_action_chars: int = 200
     ascii_only: bool = True
+    # reset and step may run in threads alongside other instances' (`envs.call_all`): true when the game
+    # runs in a process of its own and the wrapper touches no state shared between instances
+    concurrent: bool = False
 
     def __init__(self, split: str = "train", seed: int = 0):
         if split not in SPLITS:

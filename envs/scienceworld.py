@@ -31,6 +31,7 @@ PARAMS = {"valid_actions": False, "simplifications": ""}
 
 
 class ScienceWorldEnv(TextEnv):
+    concurrent = True  # each instance talks to its own JVM
     max_turns = 30
     timeout_s = 120.0  # a Java call that takes longer is a hung simulator (loading a task takes ~3 s)
 

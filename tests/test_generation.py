@@ -9,11 +9,12 @@ import random
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoTokenizer
 
 from common import tiny
-from common.episode import STUDENT, TEACHER, Episode, TurnCache, end_of_turn_id, generate_replies
+from common.episode import STUDENT, TEACHER, BatchCache, Episode, TurnCache, end_of_turn_id, generate_replies
 
 
 def _model_that_sometimes_stops(vocab: int, eot: int):
@@ -32,7 +33,10 @@ def _model_that_sometimes_stops(vocab: int, eot: int):
     return model
 
 
-def test_cached_turns_equal_uncached_turns():
+@pytest.mark.parametrize("kind", ["episode", "batch", "batch-check-every-4"])
+def test_cached_turns_equal_uncached_turns(kind):
+    """Per-episode caches (TurnCache) and the fast path's BatchCache (small headroom, so that its rows are
+    compacted into new buffers several times; an ended episode's row freed) against no cache at all."""
     tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
     eot = end_of_turn_id(tok)
     model = _model_that_sometimes_stops(len(tok), eot)
@@ -40,15 +44,17 @@ def test_cached_turns_equal_uncached_turns():
     words = ["you", "see", "a", "coin", "door", "north", "kitchen", "take", "the", "open"]
     episodes = [Episode.start(tok, "Play the game.", " ".join(rng.choices(words, k=rng.randint(2, 30))))
                 for _ in range(5)]
-    caches = [TurnCache() for _ in episodes]
-    ended, lengths, closed = set(), [], 0
+    caches = [TurnCache() for _ in episodes] if kind == "episode" else BatchCache(len(episodes), headroom=1.05)
+    check_every = 4 if kind == "batch-check-every-4" else 1
+    ended, lengths, closed, capacities = set(), [], 0, set()
     for turn in range(6):
         live = [i for i in range(len(episodes)) if i not in ended and not (i == 4 and turn < 2)]  # 4 starts late
         who = [i for i in live if rng.random() < 0.7]  # the others' turns are written by "another model"
         prompts = [episodes[i].ids for i in who]
         plain = generate_replies(model, tok, prompts, 6, 0.0)
-        cached = generate_replies(model, tok, prompts, 6, 0.0, caches=[caches[i] for i in who])
+        cached = generate_replies(model, tok, prompts, 6, 0.0, caches=[caches[i] for i in who], check_every=check_every)
         assert cached == plain
+        capacities.add(getattr(caches, "capacity", None))
         for i, reply in zip(who, cached):
             lengths.append(len(reply))
             closed += int(reply[-1] == eot)
@@ -60,11 +66,15 @@ def test_cached_turns_equal_uncached_turns():
         for i in live:
             episodes[i].append_observation(tok, " ".join(rng.choices(words, k=rng.randint(1, 40))))
         if turn == 3:
-            ended.add(1)  # an ended episode's cache is simply not used again
+            ended.add(1)  # an ended episode's cache is not used again (a BatchCache row is freed)
+            caches[1] = None
     assert len(set(lengths)) > 2 and 0 < closed < len(lengths)  # replies of several lengths, some cut
-    # the caches hold keys and values for exactly the tokens they have seen, without padding
-    for c in caches:
-        assert all(k.shape[2] == c.n and v.shape[2] == c.n for k, v in c.layers)
+    if kind == "episode":  # the caches hold keys and values for exactly the tokens they have seen, no padding
+        for c in filter(None, caches):
+            assert all(k.shape[2] == c.n and v.shape[2] == c.n for k, v in c.layers)
+    else:  # the rows were moved into larger buffers several times; each row's count = its real columns
+        assert len(capacities) > 2
+        assert caches.real.sum(1).tolist() == caches.n and caches.n[1] == 0
 
 
 def test_prompt_that_does_not_extend_its_cache_is_refused():
@@ -82,10 +92,23 @@ def test_prompt_that_does_not_extend_its_cache_is_refused():
         raise AssertionError("a shorter prompt was accepted")
 
 
-def test_benchmark_prints_both_runs():
+def test_throughput_benchmark_runs_every_path_with_the_same_replies():
+    """benchmark/throughput.py on the tiny shape: every generation path, scoring and the training step (with and
+    without activation checkpointing) print their numbers; greedy, the cached paths give the re-read replies."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(root, "benchmark", "generation.py"), "--episodes", "2",
-                          "--turns", "2", "--temperature", "0"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmark", "throughput.py"), "--episodes", "3",
+                          "--turns", "3", "--new-tokens", "4", "--temperature", "0", "--seq-len", "64",
+                          "--sequences", "2", "--repeats", "1"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "caches off" in out.stdout and "caches on" in out.stdout
-    assert "identical replies with and without caches: 4 of 4" in out.stdout
+    for path in ("reread", "episode", "batch", "generate"):
+        assert f"  {path} " in out.stdout
+    assert "identical replies, reread vs episode: 9 of 9" in out.stdout
+    assert "identical replies, batch vs episode: 9 of 9" in out.stdout
+    assert "teacher scoring" in out.stdout and "training step (activation checkpointing)" in out.stdout
+
+
+def test_throughput_benchmark_bad_input_is_one_line():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmark", "throughput.py"), "--model", "qwen3-9b"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and out.stderr.strip().splitlines()[-1].startswith("error: unknown model 'qwen3-9b'")

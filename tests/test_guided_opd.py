@@ -264,12 +264,15 @@ def test_env_of_another_suite_picks_that_suites_tiny_models(tmp_path):
     assert "student tiny:gem, teacher tiny-expert:guessthenumber" in out.stdout
 
 
-def test_torchrun_two_ranks_gives_the_single_process_run(tmp_path):
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "batch-cache"])
+def test_torchrun_two_ranks_gives_the_single_process_run(tmp_path, fast):
     """The same 8 episodes a step (greedy) as 1 rank x 8 envs and 2 ranks x 4 envs: same losses, gradient
-    norms and weights, with both roles, episodes ending at different turns and uneven work per rank."""
+    norms and weights, with both roles, episodes ending at different turns and uneven work per rank. With
+    --batch-cache on the 2 ranks: the fast generation path gives the eager loop's run (and keeps the ranks'
+    forward passes in step when one rank has no reply to write)."""
     common = MIXED + ["--total-iterations", "2", "--num-minibatches", "2", "--eval-interval", "2"]
     run(common + ["--num-envs", "8", "--runs-dir", "one"], tmp_path)
-    run(common + ["--num-envs", "4", "--runs-dir", "two"], tmp_path, torchrun=2)
+    run(common + ["--num-envs", "4", "--runs-dir", "two"] + (["--batch-cache"] if fast else []), tmp_path, torchrun=2)
     (one,), (two,) = glob.glob(str(tmp_path / "one" / "*")), glob.glob(str(tmp_path / "two" / "*"))
     assert_same_run(one, two, ["losses/loss", "losses/reverse_kl", "losses/forward_kl", "losses/grad_norm",
                                "charts/episode_turns", "schedule/teacher_token_fraction", "eval/success_rate"])
@@ -310,6 +313,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks):
     (["--env", "twx:sorting"], "no tiny expert for env 'twx:sorting'"),
     (["--student", "tiny-huge"], "no tiny student 'tiny-huge'"),
     (["--user-model", "tiny"], "--user-model is for conversational envs"),
+    (["--batch-cache", "--no-cache-turns"], "--batch-cache keeps the caches between turns"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, expected):
     p = run(SMOKE + args, tmp_path, check=False, timeout=300)

@@ -200,7 +200,12 @@ def test_a_failing_environment_stops_the_run_with_its_domain():
 
     tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
 
-    class Broken:
+    class Env:
+        concurrent = True  # stepped in threads (envs.call_all): the error still reaches the run
+
+        def __init__(self, broken: bool):
+            self.broken = broken
+
         def reset(self, seed):
             return "You are in the kitchen.", {"task": "twx:coin"}
 
@@ -208,11 +213,14 @@ def test_a_failing_environment_stops_the_run_with_its_domain():
             return "Find the coin."
 
         def step(self, action):
-            raise RuntimeError("the game server went away")
+            if self.broken:
+                raise RuntimeError("the game server went away")
+            return "Nothing happens.", 0.0, False, {"success": False, "score": 0.0, "invalid": False}
 
     args = m.Args(max_new_tokens=4, max_seq_len=512)
     with pytest.raises(SystemExit, match="domain 'coin': its environment failed: the game server went away"):
-        m.rollout(tiny_model(len(tok)), tok, [Broken()], ["coin"], [0], args, torch.Generator(), 1.0, max_turns=2)
+        m.rollout(tiny_model(len(tok)), tok, [Env(False), Env(True), Env(False)], ["simonsays", "coin", "simonsays"],
+                  [0, 1, 2], args, torch.Generator(), 1.0, max_turns=2)
 
 
 # ------------------------------------------------------------------------------ the training step
