@@ -44,8 +44,8 @@ import tyro
 import envs
 from common import checkpoint
 from common.dist import all_max, all_sum, cleanup, setup
-from common.episode import (STUDENT, TEACHER, BatchCache, Episode, TurnCache, collate, end_of_turn_id, episode_means,
-                            episode_sums, generate_replies, pack_by_tokens)
+from common.episode import (STUDENT, TEACHER, BatchCache, Episode, TurnCache, collate, end_of_turn_id,
+                            episode_means, episode_sums, generate_replies, pack_by_tokens)
 from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
 from common.runs import (check_rollout_args, evaluate, gathered, log_scalars, open_writer, run_name, seed_everything,
                          trajectory_text)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -17,9 +19,30 @@ import torch.distributed as dist
 _DEVICE = torch.device("cpu")  # where the reduction tensors live: the rank's GPU with NCCL, else the CPU
 
 
+# Running out of GPU memory ends a run with one line that names what to lower, found from the function the
+# allocation failed in (the outermost of these on the stack), instead of a CUDA traceback.
+OUT_OF_MEMORY_HINTS = (
+    ("rollout", "rollouts: lower --num-envs or --max-seq-len, or turn off --cache-turns"),
+    ("score_teacher", "teacher scoring: lower --micro-batch-tokens"),
+    ("train_step", "the training step: lower --micro-batch-tokens or turn on --activation-checkpointing"),
+)
+
+
+def out_of_memory_hook(kind, value, tb, fallback=sys.excepthook) -> None:
+    """sys.excepthook: torch.OutOfMemoryError as a one-line error; anything else as before."""
+    if not isinstance(value, torch.OutOfMemoryError):
+        return fallback(kind, value, tb)
+    names = [frame.name for frame in traceback.extract_tb(tb)]
+    where = next((hint for name in names for fn, hint in OUT_OF_MEMORY_HINTS if name == fn),
+                 "lower --num-envs, --max-seq-len or --micro-batch-tokens")
+    print(f"error: out of GPU memory in {where}", file=sys.stderr)
+
+
 def setup() -> tuple[int, int, torch.device]:
-    """Start the process group; returns (rank, world size, this rank's device)."""
+    """Start the process group; returns (rank, world size, this rank's device). Also makes running out of GPU
+    memory a one-line error that names the flag to lower (out_of_memory_hook)."""
     global _DEVICE
+    sys.excepthook = out_of_memory_hook
     if "RANK" not in os.environ:  # plain `python script.py`: a process group of one, on a free port
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -361,3 +361,33 @@ def test_real_student_gets_a_real_teacher_and_real_lengths():
     fill_defaults(tiny_args, g.TINY, g.REAL)
     assert (tiny_args.max_new_tokens, tiny_args.student_loss, tiny_args.max_turns) == (24, "full", 12)
     assert teacher_name(None, "tiny", "twx:coin", g.REAL_TEACHER) == "tiny-expert:coin"
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_flag(capsys):
+    """common/dist.py's excepthook (installed by setup()): an OutOfMemoryError raised under train_step (here
+    from a scoring call inside it) names --micro-batch-tokens; under rollout, --num-envs; other errors pass."""
+    from common.dist import out_of_memory_hook
+
+    def token_logprobs():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def train_step():
+        token_logprobs()
+
+    def rollout():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    for fn, expected in ((train_step, "error: out of GPU memory in the training step: lower --micro-batch-tokens"),
+                         (rollout, "error: out of GPU memory in rollouts: lower --num-envs")):
+        try:
+            fn()
+        except torch.OutOfMemoryError as e:
+            out_of_memory_hook(type(e), e, e.__traceback__)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(expected)
+    seen = []
+    try:
+        raise ValueError("something else")
+    except ValueError as e:
+        out_of_memory_hook(type(e), e, e.__traceback__, fallback=lambda *a: seen.append(a[1]))
+    assert len(seen) == 1 and isinstance(seen[0], ValueError)
