@@ -209,7 +209,7 @@ class BatchCache:
 
     def __init__(self, episodes: int, headroom: float = 1.5):
         self.rows = episodes
-        self.n = [0] * episodes  # how many tokens of each episode its row holds
+        self.n = [0] * episodes  # how many tokens of each episode its row holds (real[row].sum(), kept on the host)
         self.headroom = headroom  # buffers grow to this multiple of what the next turn needs
         self.col = 0  # columns written so far (shared by all rows)
         self.capacity = 0
@@ -245,8 +245,7 @@ class BatchCache:
             for layer in self.past.layers:
                 layer.move(order, capacity)
         else:
-            for layer in self.past.layers:
-                layer.capacity = capacity
+            for layer in self.past.layers:  # nothing to keep: new buffers at the next forward pass
                 layer.keys = layer.values = None
                 layer.is_initialized = False
         self.real, self.col, self.capacity = real, width, capacity
@@ -269,13 +268,14 @@ class _BufferLayer(DynamicLayer):
 
     def __init__(self, owner: BatchCache):
         super().__init__()
-        self.owner, self.capacity = owner, owner.capacity
+        self.owner = owner
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
-        self.keys = torch.zeros((b, h, self.capacity, d), dtype=self.dtype, device=self.device)
-        self.values = torch.zeros((b, h, self.capacity, value_states.shape[-1]), dtype=self.dtype, device=self.device)
+        self.keys = torch.zeros((b, h, self.owner.capacity, d), dtype=self.dtype, device=self.device)
+        self.values = torch.zeros((b, h, self.owner.capacity, value_states.shape[-1]), dtype=self.dtype,
+                                  device=self.device)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -292,7 +292,6 @@ class _BufferLayer(DynamicLayer):
 
     def move(self, order: torch.Tensor, capacity: int) -> None:
         """Gather each row's columns `order[row]` into the first columns of new buffers of `capacity`."""
-        self.capacity = capacity
         if not self.is_initialized:
             return
         for name in ("keys", "values"):
