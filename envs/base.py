@@ -22,6 +22,12 @@ override these two); `envs.check` runs any wrapper through it:
 - `reset(seed)` is deterministic: the same seed in the same split, followed by the same replies, plays
   the same episode, whatever was played before and whatever the caller did to Python's or NumPy's
   global random state.
+- No reply text can break a wrapper: `parse_action` takes linear time on any text, and an action with
+  control characters or lone UTF-16 surrogates (text no game, Java or tokenizer can take) is an invalid
+  turn; observations never hold lone surrogates (a game that echoes one gets U+FFFD in its place).
+- A game that runs in a process of its own (`game_process()`: TextWorld-Express's and ScienceWorld's
+  JVMs) may die (killed, out of memory): the reset or step in flight then raises a one-line `EnvError`
+  saying so, and the next reset starts a new process. The others run inside this Python process.
 
 Seeds and splits: `reset(seed)` picks the game from the wrapper's split. `train` and `heldout` are
 disjoint seed ranges of the environment's training fold (held-out success is measured on seeds that
@@ -43,11 +49,16 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import threading
 
 SPLITS = ("train", "heldout", "dev", "test")
 
-_ACTION_RE = re.compile(r"<action>(.*?)</action>", re.DOTALL)
+_OPEN, _CLOSE = "<action>", "</action>"
+# Characters no action may hold: control characters (whitespace is normalised before the check) and lone
+# UTF-16 surrogates, which cannot be encoded to UTF-8 (a Java game or a tokenizer would fail on them).
+_UNWRITABLE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 INVALID_FEEDBACK = "Invalid reply: end your reply with one action, written as <action>ACTION</action>."
 EPISODE_OVER = "The episode is over: reset the environment to play again."
 
@@ -59,17 +70,27 @@ class EnvError(RuntimeError):
 def parse_action(reply: str, max_chars: int = 200, ascii_only: bool = True) -> str | None:
     """The action in the last `<action>...</action>` tag of `reply`, whitespace-normalised.
 
-    None when there is no tag, the action is empty, longer than `max_chars`, or (with `ascii_only`)
-    contains characters the game cannot understand (another script, control characters)."""
-    found = _ACTION_RE.findall(reply)
-    if not found:
+    None when there is no tag, the action is empty, longer than `max_chars`, holds control characters or
+    lone surrogates, or (with `ascii_only`) characters the game cannot understand (another script)."""
+    # Tags are found as a lazy regex `<action>(.*?)</action>` would find them, left to right, but in
+    # linear time: that regex takes seconds on a reply of many unclosed `<action>` (quadratic).
+    found, pos = None, 0
+    while (start := reply.find(_OPEN, pos)) >= 0 and (end := reply.find(_CLOSE, start + len(_OPEN))) >= 0:
+        found, pos = reply[start + len(_OPEN):end], end + len(_CLOSE)
+    if found is None:
         return None
-    action = " ".join(found[-1].split())
-    if not action or len(action) > max_chars:
+    action = " ".join(found.split())
+    if not action or len(action) > max_chars or _UNWRITABLE_RE.search(action):
         return None
-    if ascii_only and not all(32 <= ord(c) < 127 for c in action):
+    if ascii_only and not action.isascii():
         return None
     return action
+
+
+def valid_text(text: str) -> str:
+    """`text` with each lone UTF-16 surrogate (which cannot be encoded to UTF-8, so no tokenizer takes it)
+    replaced by U+FFFD, the replacement character."""
+    return _SURROGATE_RE.sub("\ufffd", text)
 
 
 def _after_reset(system_prompt):
@@ -126,9 +147,11 @@ class TextEnv(abc.ABC):
         seed = int(seed)
         self.turns, self.done = 0, False
         self._rng_state[0] = f"{self.seed}:{self.split}:{seed}"
-        obs, info = self._reset(seed)
+        if self._process_death() is not None:
+            self._restart()
+        obs, info = self._in_game("reset", self._reset, seed)
         self._lists_valid_actions = "valid_actions" in info
-        self._last_info = self._checked(obs, info, None, "_reset")
+        obs, self._last_info = self._checked(obs, info, None, "_reset")
         return obs, dict(self._last_info)
 
     def step(self, reply: str) -> tuple[str, float, bool, dict]:
@@ -141,8 +164,8 @@ class TextEnv(abc.ABC):
         action = parse_action(reply, self.max_action_chars, self.ascii_only)
         if action is None:
             return INVALID_FEEDBACK, 0.0, False, dict(self._last_info, invalid=True, action=None)
-        obs, reward, done, info = self._step(action)
-        info = self._checked(obs, info, action, "_step")
+        obs, reward, done, info = self._in_game("step", self._step, action)
+        obs, info = self._checked(obs, info, action, "_step")
         reward = float(reward)
         if not math.isfinite(reward):
             raise EnvError(f"{type(self).__name__}._step returned reward {reward} for {action!r}")
@@ -170,9 +193,51 @@ class TextEnv(abc.ABC):
     def close(self) -> None:
         pass
 
+    # -- a game in a process of its own ------------------------------------------------------------
+    def game_process(self) -> subprocess.Popen | None:
+        """The OS process the game runs in, when it has one of its own (JavaEnv's JVM), else None: the game
+        runs inside this Python process and cannot die apart from it, as ALFWorld's PDDL engine, GEM's games
+        and tau2's tools (Python) and WebShop's search engine (whose JVM pyjnius loads into this process) do.
+        A wrapper that returns a process implements `_restart`."""
+        return None
+
+    def _restart(self) -> None:
+        """Start a new game process in place of one that died (`reset` calls it before `_reset`)."""
+        raise NotImplementedError(f"{type(self).__name__} has a game_process but no _restart")
+
+    def _process_death(self, error: Exception | None = None) -> str | None:
+        """How the game's process ended ("killed by signal 9"), or None while it runs (or there is none).
+        With the `error` a call into the game raised, waits a moment for the process: its connection
+        breaks as it dies, a little before the OS reports it dead."""
+        proc = self.game_process()
+        if proc is None:
+            return None
+        if error is not None:
+            try:
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:  # alive: the error is the game's own
+                return None
+        code = proc.poll()
+        if code is None:
+            return None
+        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+    def _in_game(self, what: str, hook, arg):
+        """`hook(arg)`; if it raised because the game's process died, a one-line EnvError that says so."""
+        try:
+            return hook(arg)
+        except Exception as e:
+            death = self._process_death(e)
+            if death is None:
+                raise
+            detail = str(e).strip().split("\n")[0]
+            raise EnvError(f"{self.task}: the game process died during {what} ({death}; {type(e).__name__}: "
+                           f"{detail[:200]}); the next reset(seed) starts a new one") from None
+
     # -- the contract's checks ---------------------------------------------------------------------
-    def _checked(self, obs, info: dict, action: str | None, hook: str) -> dict:
-        """`info` with the contract's keys and types; a wrapper that breaks them fails here, in one line."""
+    def _checked(self, obs, info: dict, action: str | None, hook: str) -> tuple[str, dict]:
+        """(`obs` as valid text, `info` with the contract's keys and types); a wrapper that breaks them
+        fails here, in one line."""
         where = f"{type(self).__name__}.{hook}"
         if not isinstance(obs, str):
             raise EnvError(f"{where} returned a {type(obs).__name__} observation; observations are str")
@@ -191,12 +256,55 @@ class TextEnv(abc.ABC):
             raise EnvError(f"{where} {said}; list them after every reset and step, or never")
         if "valid_actions" in info:
             info["valid_actions"] = [str(a) for a in info["valid_actions"]]
-        return info
+        return valid_text(obs), info
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
+        self.close()
+
+
+class JavaEnv(TextEnv):
+    """A TextEnv whose game is a Java simulator in a JVM of its own, launched through py4j by the game's
+    package (TextWorld-Express, ScienceWorld). Subclasses implement `_launch()`, which builds the package's
+    simulator object (kept as `self._sim`); a JVM that dies is replaced by a new one at the next reset."""
+
+    concurrent = True  # each instance talks to its own JVM
+
+    def __init__(self, split: str = "train", seed: int = 0):
+        super().__init__(split, seed)
+        self._sim = None
+        ensure_java_on_path()
+        self._sim = self._launch()
+
+    @abc.abstractmethod
+    def _launch(self):
+        """The package's simulator object, which starts its JVM (both packages keep the process, a
+        `subprocess.Popen`, as `_gateway.java_process`)."""
+
+    def game_process(self) -> subprocess.Popen | None:
+        return getattr(getattr(self._sim, "_gateway", None), "java_process", None)
+
+    def _restart(self) -> None:
+        self.close()
+        self._sim = self._launch()
+
+    def close(self) -> None:
+        sim = getattr(self, "_sim", None)
+        if sim is None:
+            return
+        if self._process_death() is not None:
+            # py4j logs a traceback for every call to a JVM that died, closing it and freeing each of its
+            # objects included; marked disconnected, its client fails them quietly
+            sim._gateway._gateway_client.is_connected = False
+        self._sim = None
+        try:
+            sim.close()
+        except Exception:
+            pass
+
+    def __del__(self):
         self.close()
 
 
@@ -241,7 +349,8 @@ def call_with_timeout(fn, timeout_s: float, what: str, on_timeout=None):
 
     For calls into another process (a Java simulator) that can hang: `fn` runs in a daemon thread, and on
     time-out `on_timeout()` is called first, which should kill that process (the blocked thread then
-    fails and ends with it). Exceptions raised by `fn` pass through unchanged."""
+    fails and ends with it; a JavaEnv's next reset starts a new one). Exceptions raised by `fn` pass
+    through unchanged."""
     result: dict = {}
 
     def run():
@@ -256,8 +365,7 @@ def call_with_timeout(fn, timeout_s: float, what: str, on_timeout=None):
     if worker.is_alive():
         if on_timeout is not None:
             on_timeout()
-        raise EnvError(f"{what} did not answer within {timeout_s:g} s and was stopped; "
-                       "a new env (envs.make) starts a fresh one")
+        raise EnvError(f"{what} did not answer within {timeout_s:g} s and was stopped")
     if "error" in result:
         raise result["error"]
     return result["value"]

