@@ -35,14 +35,20 @@ class Args:
     """label of the y axis (default: the tag)"""
 
 
-def read_scalar(run_dir: str, tag: str) -> dict[int, float]:
+def read_scalars(run_dir: str) -> dict[str, dict[int, float]]:
+    """Every scalar of a run: tag -> {step: value}."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     acc.Reload()
-    if tag not in acc.Tags()["scalars"]:
-        raise SystemExit(f"error: {run_dir} has no scalar {tag!r}; it has {', '.join(sorted(acc.Tags()['scalars']))}")
-    return {e.step: e.value for e in acc.Scalars(tag)}
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def read_scalar(run_dir: str, tag: str) -> dict[int, float]:
+    scalars = read_scalars(run_dir)
+    if tag not in scalars:
+        raise SystemExit(f"error: {run_dir} has no scalar {tag!r}; it has {', '.join(sorted(scalars))}")
+    return scalars[tag]
 
 
 def load_groups(specs: list[str], tag: str) -> dict[str, list[dict[int, float]]]:
