@@ -26,7 +26,7 @@ Groups are never split across ranks: each rank plays whole groups, so advantages
 mini-batch without any signal (every advantage and KL weight 0: GRPO on groups of equal rewards) takes no step.
 Arguments left at None are "auto" (the TINY and REAL tables below the Args).
 
-    python atod.py                                    # tiny default: coin with doors, an imperfect teacher
+    python atod.py                                    # tiny default: coin, an imperfect teacher (0.66)
     python atod.py --mode opd                         # OPD only; --mode grpo: GRPO only
     torchrun --nproc_per_node 8 atod.py --student qwen3-1.7b --teacher <your GRPO-trained qwen3-4b> \\
         --env alfworld --max-turns 50 --total-iterations 150
@@ -44,12 +44,10 @@ import torch
 import tyro
 
 import envs
-from common import checkpoint
-from common.dist import all_max, all_sum, cleanup, setup
-from common.episode import STUDENT, Episode, TurnCache, collate, end_of_turn_id, episode_means, episode_sums, generate_replies, pack_by_tokens
+from common.dist import all_max, all_sum, setup
+from common.episode import STUDENT, Episode, TurnCache, collate, end_of_turn_id, episode_sums, generate_replies, pack_by_tokens
 from common.models import ModelError, fill_defaults, is_tiny, load_student_and_teachers, student_name, teacher_name
-from common.runs import (check_rollout_args, evaluate, gathered, log_scalars, open_writer, run_name, seed_everything,
-                         trajectory_text)
+from common.runs import Run, check_rollout_args, gathered, seed_everything
 from common.teacher import score_teacher, token_logprobs
 from common.user import env_user
 
@@ -71,12 +69,12 @@ class Args:
 
     # Models and environment
     student: str = "tiny"
-    """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` / `tiny-small`
-    (tiny students that share a tokenizer with --env's tiny expert)"""
+    """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` (weak but able),
+    `tiny-novice` or `tiny-small` (tiny students that share a tokenizer with --env's tiny expert)"""
     teacher: str | None = None
-    """the teacher (frozen; the paper's are GRPO-trained). Auto: for a tiny student, tiny-expert:coin-doors on the
+    """the teacher (frozen; the paper's are GRPO-trained). Auto: for a tiny student, tiny-expert:coin-imperfect on the
     default env (an imperfect teacher, trained briefly) and --env's tiny expert elsewhere; qwen3-8b for a real one"""
-    env: str = "twx:coin:numLocations=4,includeDoors=1"
+    env: str = "twx:coin:numLocations=4,includeDoors=0"
     """environment spec, e.g. twx:simonsays, scienceworld:boil, alfworld (see envs/)"""
     thinking: bool = False
     """Qwen3 thinking mode in the chat template (the tiny models do not think)"""
@@ -164,7 +162,7 @@ TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=2e-
 REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
             opd_loss="sampled", group_size=8)
 REAL_TEACHER = "qwen3-8b"
-TINY_TEACHER = "tiny-expert:coin-doors"  # the default env's imperfect teacher (common/tiny.py MORE_EXPERTS)
+TINY_TEACHER = "tiny-expert:coin-imperfect"  # the default env's imperfect teacher (common/tiny.py MORE_EXPERTS)
 PAPER_ANNEAL_FRACTION = 80 / 150
 
 
@@ -439,7 +437,6 @@ if __name__ == "__main__":
     if args.anneal_iterations is None:
         args.anneal_iterations = round(PAPER_ANNEAL_FRACTION * args.total_iterations)
     check_args(args)
-    resume_path = checkpoint.resolve(args.resume) if args.resume else None
     rank, world, device = setup()
     try:
         envs.make(args.env, seed=args.seed).close()  # a bad spec fails here, in one line
@@ -460,13 +457,8 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay)
 
-    start_iteration, name, extra = 0, run_name(args.env, args.exp_name, args.seed), {"best_success_rate": 0.0}
-    if resume_path:
-        start_iteration, name, extra = checkpoint.load(resume_path, student, optimizer, generators)
-    run_dir = os.path.join(args.runs_dir, name)
-    writer = open_writer(args, run_dir, name, start_iteration if resume_path else None) if rank == 0 else None
-    if rank == 0:
-        print(f"run {name}: {world} rank(s) on {device}, student {args.student}, teacher {args.teacher}, env {args.env}")
+    run = Run(args, args.env, student, tokenizer, optimizer, generators, device, f"teacher {args.teacher}, env {args.env}")
+    extra = run.extra  # {"best_success_rate": the best held-out success so far}, set at step 0
 
     # Environments are made once and reset for every episode (a TextWorld-Express env is a JVM process).
     # Their own randomness comes from (--seed, split, episode seed): the same episode on any rank.
@@ -476,24 +468,20 @@ if __name__ == "__main__":
     groups_per_rank = args.num_envs // args.group_size
 
     def evaluate_alone(model):
-        """The model alone on the held-out seeds."""
-        with gathered(model):
-            return evaluate(lambda p, s: rollout(model, tokenizer, p, s, args, [args.seed + 12345 + (s[0] if s else 0)],
-                                                 args.eval_temperature, max_turns),
-                            eval_pool, args.eval_episodes, rank, world)
+        """The model alone on the held-out seeds (its own samplers, by task: the shared one is not used)."""
+        return run.evaluate(model, lambda p, s, _: rollout(model, tokenizer, p, s, args, [args.seed + 12345 + (s[0] if s else 0)],
+                                                           args.eval_temperature, max_turns), eval_pool)
 
     # The teacher alone, once: the level the student should pass.
-    if start_iteration == 0:
+    if run.start == 0:
         teacher_eval, _ = evaluate_alone(teacher)
         student_eval, _ = evaluate_alone(student)
         extra["best_success_rate"] = student_eval["success_rate"]
-        if rank == 0:
-            log_scalars(writer, "teacher", teacher_eval, 0)
-            log_scalars(writer, "eval", {**student_eval, "best_success_rate": student_eval["success_rate"]}, 0)
-            print(f"teacher held-out success {teacher_eval['success_rate']:.2f}, "
-                  f"student before training {student_eval['success_rate']:.2f}")
+        run.log(0, {"teacher": teacher_eval, "eval": {**student_eval, "best_success_rate": student_eval["success_rate"]}},
+                f"teacher held-out success {teacher_eval['success_rate']:.2f}, "
+                f"student before training {student_eval['success_rate']:.2f}")
 
-    for iteration in range(start_iteration, args.total_iterations):
+    for iteration in range(run.start, args.total_iterations):
         t_iter = time.time()
         kappa, rho = kappa_rho(iteration, args)
         lr = lr_at(iteration, args)
@@ -542,42 +530,23 @@ if __name__ == "__main__":
                           "scored": scored.sum().item(), "trajectories": n_rows,
                           "reverse_kl": ((old_logp - scores.logp) * scored).sum().item()})  # sampled estimate, rollout time
         completed = iteration + 1
-        if rank == 0:
-            rates = episode_means(totals)
-            n_tok, n_traj = max(totals["tokens"], 1), max(totals["trajectories"], 1) * args.update_epochs
-            losses = {"loss": totals["loss"] / n_traj, "reverse_kl": totals["reverse_kl"] / max(totals["scored"], 1),
-                      "clipfrac": totals["clipped"] / n_tok, "approx_kl": totals["approx_kl"] / n_tok,
-                      "grad_norm": step["grad_norm"], "skipped_steps": step["skipped_steps"], "no_signal_steps": step["no_signal_steps"]}
-            log_scalars(writer, "charts", {**rates, "learning_rate": lr, "reward": totals["reward"] / totals["episodes"],
-                                           "reward_std_in_group": totals["group_std"] / totals["groups"],
-                                           "flat_group_fraction": totals["flat_groups"] / totals["groups"],
-                                           "turn_weight_mean": totals["weight_sum"] / max(totals["scored"], 1),
-                                           "tokens_per_second": totals["agent_tokens"] / max(time.time() - t_iter, 1e-9)}, completed)
-            log_scalars(writer, "losses", losses, completed)
-            log_scalars(writer, "schedule", {"kappa": kappa, "rho": rho}, completed)
-            log_scalars(writer, "time", {"rollout": t_rollout, "teacher": t_teacher, "train": t_train}, completed)
-            print(f"iter {iteration:4d}  kappa {kappa:.2f}  rho {rho:.2f}  success {rates['success_rate']:.2f}  "
-                  f"turns {rates['episode_turns']:5.1f}  flat groups {totals['flat_groups']:.0f}/{totals['groups']:.0f}  "
-                  f"rkl {losses['reverse_kl']:.3f}  loss {losses['loss']:.4f}  grad {step['grad_norm']:.2f}"
-                  + (f"  ({step['skipped_steps']} non-finite steps skipped)" if step["skipped_steps"] else ""), flush=True)
-
-        if completed % args.eval_interval == 0 or completed == args.total_iterations:
+        n_tok, n_traj = max(totals["tokens"], 1), max(totals["trajectories"], 1) * args.update_epochs
+        losses = {"loss": totals["loss"] / n_traj, "reverse_kl": totals["reverse_kl"] / max(totals["scored"], 1),
+                  "clipfrac": totals["clipped"] / n_tok, "approx_kl": totals["approx_kl"] / n_tok,
+                  "no_signal_steps": step["no_signal_steps"]}
+        run.log_iteration(completed, totals, step, lr, t_iter, (t_rollout, t_teacher, t_train), losses, {"kappa": kappa, "rho": rho},
+                          {"reward": totals["reward"] / totals["episodes"], "reward_std_in_group": totals["group_std"] / totals["groups"],
+                           "flat_group_fraction": totals["flat_groups"] / totals["groups"],
+                           "turn_weight_mean": totals["weight_sum"] / max(totals["scored"], 1)},
+                          f"kappa {kappa:.2f}  rho {rho:.2f}  flat groups {totals['flat_groups']:.0f}/{totals['groups']:.0f}  "
+                          f"rkl {losses['reverse_kl']:.3f}")
+        if run.due(completed, args.eval_interval):
             ev, eval_eps = evaluate_alone(student)
             extra["best_success_rate"] = max(extra["best_success_rate"], ev["success_rate"])
-            if rank == 0:
-                log_scalars(writer, "eval", {**ev, "best_success_rate": extra["best_success_rate"]}, completed)
-                for ep in eval_eps[:2]:
-                    writer.add_text("eval/trajectory", trajectory_text(tokenizer, ep), completed)
-                print(f"eval after {completed} iterations: held-out success {ev['success_rate']:.2f} "
-                      f"(best {extra['best_success_rate']:.2f}), score {ev['score']:.2f}, turns {ev['episode_turns']:.1f}", flush=True)
-        if completed % args.save_interval == 0 or completed == args.total_iterations:
-            checkpoint.save(os.path.join(run_dir, "checkpoint.pt"), student, optimizer, completed, name, generators, extra)
+            run.log(completed, {"eval": {**ev, "best_success_rate": extra["best_success_rate"]}},
+                    f"eval after {completed} iterations: held-out success {ev['success_rate']:.2f} (best "
+                    f"{extra['best_success_rate']:.2f}), score {ev['score']:.2f}, turns {ev['episode_turns']:.1f}",
+                    [("eval/trajectory", ep) for ep in eval_eps[:2]])
+        run.save(completed, extra)
 
-    # Final save: the full student on rank 0 in Hugging Face format (AutoModelForCausalLM loads it).
-    checkpoint.save_final(student, tokenizer, os.path.join(run_dir, "final"))
-    if rank == 0:
-        writer.close()
-        print(f"saved the student to {os.path.join(run_dir, 'final')}")
-    for env in pool + eval_pool:
-        env.close()
-    cleanup()
+    run.finish(pool + eval_pool)  # the student in Hugging Face format, the envs closed

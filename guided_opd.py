@@ -42,13 +42,11 @@ import torch
 import tyro
 
 import envs
-from common import checkpoint
-from common.dist import all_max, all_sum, cleanup, setup
-from common.episode import (STUDENT, TEACHER, BatchCache, Episode, TurnCache, collate, end_of_turn_id,
-                            episode_means, episode_sums, generate_replies, pack_by_tokens)
+from common.dist import all_max, all_sum, setup
+from common.episode import (STUDENT, TEACHER, BatchCache, Episode, TurnCache, collate, end_of_turn_id, episode_sums,
+                            generate_replies, pack_by_tokens)
 from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
-from common.runs import (check_rollout_args, evaluate, gathered, log_scalars, open_writer, run_name, seed_everything,
-                         trajectory_text)
+from common.runs import Run, check_rollout_args, gathered, seed_everything
 from common.teacher import score_teacher, token_logprobs
 from common.user import env_user
 
@@ -70,8 +68,8 @@ class Args:
 
     # Models and environment
     student: str = "tiny"
-    """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` / `tiny-small`
-    (tiny students that share a tokenizer with --env's tiny expert)"""
+    """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` (weak but able),
+    `tiny-novice` or `tiny-small` (tiny students that share a tokenizer with --env's tiny expert)"""
     teacher: str | None = None
     """the teacher (frozen). Auto: --env's tiny expert for a tiny student; qwen3-8b for a real one (the paper
     used qwen3-30b-a3b; a dense 8B shards and generates faster in this loop: pass qwen3-30b-a3b for the paper's)"""
@@ -419,7 +417,6 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     fill_defaults(args, TINY, REAL)
     check_args(args)
-    resume_path = checkpoint.resolve(args.resume) if args.resume else None
     rank, world, device = setup()
     try:
         envs.make(args.env, seed=args.seed).close()  # a bad spec fails here, in one line
@@ -439,13 +436,7 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay)
 
-    start_iteration, name = 0, run_name(args.env, args.exp_name, args.seed)
-    if resume_path:
-        start_iteration, name, _ = checkpoint.load(resume_path, student, optimizer, generators)
-    run_dir = os.path.join(args.runs_dir, name)
-    writer = open_writer(args, run_dir, name, start_iteration if resume_path else None) if rank == 0 else None
-    if rank == 0:
-        print(f"run {name}: {world} rank(s) on {device}, student {args.student}, teacher {args.teacher}, env {args.env}")
+    run = Run(args, args.env, student, tokenizer, optimizer, generators, device, f"teacher {args.teacher}, env {args.env}")
 
     # Environments are made once and reset for every episode (a TextWorld-Express env is a JVM process).
     # Their own randomness comes from (--seed, split, episode seed): the same episode on any rank.
@@ -455,23 +446,17 @@ if __name__ == "__main__":
 
     def evaluate_alone(model):
         """The model alone (beta = 0) on the held-out seeds."""
-        eval_sampler = torch.Generator(device=device).manual_seed(args.seed + 12345 + rank)
-        with gathered(model):
-            return evaluate(lambda p, s: rollout(model, None, tokenizer, p, s, 0.0, args, eval_sampler,
-                                                 args.eval_temperature, max_turns),
-                            eval_pool, args.eval_episodes, rank, world)
+        return run.evaluate(model, lambda p, s, sampler: rollout(model, None, tokenizer, p, s, 0.0, args, sampler,
+                                                                 args.eval_temperature, max_turns), eval_pool)
 
     # The teacher alone, once: the level the student is distilled towards.
-    if start_iteration == 0:
+    if run.start == 0:
         teacher_eval, _ = evaluate_alone(teacher)
         student_eval, _ = evaluate_alone(student)
-        if rank == 0:
-            log_scalars(writer, "teacher", teacher_eval, 0)
-            log_scalars(writer, "eval", student_eval, 0)
-            print(f"teacher held-out success {teacher_eval['success_rate']:.2f}, "
-                  f"student before training {student_eval['success_rate']:.2f}")
+        run.log(0, {"teacher": teacher_eval, "eval": student_eval}, f"teacher held-out success "
+                f"{teacher_eval['success_rate']:.2f}, student before training {student_eval['success_rate']:.2f}")
 
-    for iteration in range(start_iteration, args.total_iterations):
+    for iteration in range(run.start, args.total_iterations):
         t_iter = time.time()
         beta = beta_schedule(iteration, args)
         lr = lr_at(iteration, args)
@@ -505,39 +490,19 @@ if __name__ == "__main__":
         # ---- INFRASTRUCTURE: logging (sums over every rank's episodes and micro-batches), eval, checkpoint ----
         totals = all_sum({**episode_sums(episodes), **{k: v for k, v in step.items() if k not in ("grad_norm", "skipped_steps")}})
         completed = iteration + 1
-        if rank == 0:
-            rates = episode_means(totals)
-            n_student, n_teacher = max(totals["student_tokens"], 1), max(totals["teacher_tokens"], 1)
-            trained = totals["student_tokens"] + (totals["teacher_tokens"] if args.teacher_loss != "none" else 0)
-            losses = {"reverse_kl": totals["reverse_kl"] / n_student, "forward_kl": totals["forward_kl"] / n_teacher,
-                      "pg_loss": totals["pg_loss"] / n_student, "ce_loss": totals["ce_loss"] / n_teacher,
-                      "loss": (totals["pg_loss"] + totals["ce_loss"]) / max(trained, 1), "grad_norm": step["grad_norm"],
-                      "skipped_steps": step["skipped_steps"], **({"clipfrac": totals["clipped"] / n_student} if "clipped" in totals else {})}
-            log_scalars(writer, "charts", {**rates, "learning_rate": lr,
-                                           "tokens_per_second": totals["agent_tokens"] / max(time.time() - t_iter, 1e-9)}, completed)
-            log_scalars(writer, "losses", losses, completed)
-            log_scalars(writer, "schedule", {"beta": beta, "teacher_token_fraction": totals["teacher_tokens"] / max(totals["agent_tokens"], 1)}, completed)
-            log_scalars(writer, "time", {"rollout": t_rollout, "teacher": t_teacher, "train": t_train}, completed)
-            print(f"iter {iteration:4d}  beta {beta:.2f}  success {rates['success_rate']:.2f}  turns {rates['episode_turns']:5.1f}  "
-                  f"rkl {losses['reverse_kl']:.3f}  loss {losses['loss']:.4f}  grad {step['grad_norm']:.2f}"
-                  + (f"  ({step['skipped_steps']} non-finite steps skipped)" if step["skipped_steps"] else ""), flush=True)
-
-        if completed % args.eval_interval == 0 or completed == args.total_iterations:
+        n_student, n_teacher = max(totals["student_tokens"], 1), max(totals["teacher_tokens"], 1)
+        trained = totals["student_tokens"] + (totals["teacher_tokens"] if args.teacher_loss != "none" else 0)
+        losses = {"reverse_kl": totals["reverse_kl"] / n_student, "forward_kl": totals["forward_kl"] / n_teacher,
+                  "pg_loss": totals["pg_loss"] / n_student, "ce_loss": totals["ce_loss"] / n_teacher,
+                  "loss": (totals["pg_loss"] + totals["ce_loss"]) / max(trained, 1),
+                  **({"clipfrac": totals["clipped"] / n_student} if "clipped" in totals else {})}
+        run.log_iteration(completed, totals, step, lr, t_iter, (t_rollout, t_teacher, t_train), losses,
+                          {"beta": beta, "teacher_token_fraction": totals["teacher_tokens"] / max(totals["agent_tokens"], 1)},
+                          words=f"beta {beta:.2f}  rkl {losses['reverse_kl']:.3f}")
+        if run.due(completed, args.eval_interval):
             ev, eval_eps = evaluate_alone(student)
-            if rank == 0:
-                log_scalars(writer, "eval", ev, completed)
-                for ep in eval_eps[:2]:
-                    writer.add_text("eval/trajectory", trajectory_text(tokenizer, ep), completed)
-                print(f"eval after {completed} iterations: held-out success {ev['success_rate']:.2f}, "
-                      f"score {ev['score']:.2f}, turns {ev['episode_turns']:.1f}", flush=True)
-        if completed % args.save_interval == 0 or completed == args.total_iterations:
-            checkpoint.save(os.path.join(run_dir, "checkpoint.pt"), student, optimizer, completed, name, generators)
+            run.log(completed, {"eval": ev}, f"eval after {completed} iterations: held-out success {ev['success_rate']:.2f}, "
+                    f"score {ev['score']:.2f}, turns {ev['episode_turns']:.1f}", [("eval/trajectory", ep) for ep in eval_eps[:2]])
+        run.save(completed)
 
-    # Final save: the full student on rank 0 in Hugging Face format (AutoModelForCausalLM loads it).
-    checkpoint.save_final(student, tokenizer, os.path.join(run_dir, "final"))
-    if rank == 0:
-        writer.close()
-        print(f"saved the student to {os.path.join(run_dir, 'final')}")
-    for env in pool + eval_pool:
-        env.close()
-    cleanup()
+    run.finish(pool + eval_pool)  # the student in Hugging Face format, the envs closed

@@ -25,7 +25,7 @@ scores every domain with one domain's teacher (the routing ablation). Arguments 
 tiny default's values with a tiny student, the real-model values otherwise (the TINY and REAL tables below
 the Args). The tiny default trains with `--loss full`: with `--loss pg` the tiny student collapsed (README).
 
-    python mopd.py                                          # embedded tiny default: 3 games, 3 tiny experts
+    python mopd.py                                          # embedded tiny default: 3 games, 3 same-origin experts
     python mopd.py --route simonsays                        # ablation: simonsays' teacher scores every domain
     torchrun --nproc_per_node 8 mopd.py --student qwen3-1.7b \\
         --domains alfworld@PATH_A scienceworld:boil@PATH_B --max-turns 30
@@ -44,14 +44,13 @@ import torch
 import tyro
 
 import envs
-from common import checkpoint
-from common.dist import all_max, all_sum, cleanup, setup
+from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, Episode, TurnCache, collate, end_of_turn_id, episode_means, episode_sums,
                             generate_replies, pack_by_tokens)
 from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
-from common.runs import (check_rollout_args, evaluate, gathered, log_scalars, open_writer, run_name, seed_everything,
-                         trajectory_text)
+from common.runs import Run, check_rollout_args, gathered, seed_everything
 from common.teacher import Teachers, score_teacher, token_logprobs
+from common.user import env_user
 
 
 @dataclass
@@ -71,15 +70,22 @@ class Args:
 
     # Models and environments
     student: str = "tiny"
-    """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` / `tiny-small`
-    (tiny students that share a tokenizer with the domains' tiny experts)"""
-    domains: tuple[str, ...] = ("twx:simonsays", "twx:peckingorder", "twx:coin:numLocations=4,includeDoors=0")
+    """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` (weak but able),
+    `tiny-novice` or `tiny-small` (tiny students that share a tokenizer with the domains' tiny experts)"""
+    domains: tuple[str, ...] = ("twx:simonsays@tiny-expert:simonsays-same-origin",
+                                "twx:peckingorder@tiny-expert:peckingorder-same-origin",
+                                "twx:coin:numLocations=4,includeDoors=0@tiny-expert:coin-same-origin")
     """the domains, each `ENV_SPEC@TEACHER` (e.g. `alfworld@qwen3-8b`, `twx:coin@tiny-expert:coin`); a bare
-    ENV_SPEC takes its tiny expert (tiny students only). Logged under the spec's game name (`coin`)"""
+    ENV_SPEC takes its tiny expert (tiny students only). Logged under the spec's game name (`coin`). Default:
+    three games, each with its same-origin tiny teacher (the tiny student fine-tuned on that game, as the
+    paper's teachers are RL-trained from the student's starting point)"""
     domain_weights: tuple[float, ...] | None = None
     """share of each domain in every batch, in --domains order (normalised; default: uniform)"""
     thinking: bool = False
     """Qwen3 thinking mode in the chat template (the tiny models do not think)"""
+    user_model: str | None = None
+    """the customer of conversational domains (tau2:*), played by this model (any name the student takes; a whole
+    copy per rank, greedy); unset = the env's scripted stand-in, which answers from the task's scenario"""
 
     # Rollouts
     num_envs: int = 16
@@ -434,7 +440,6 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     fill_defaults(args, TINY, REAL)
     check_args(args)
-    resume_path = checkpoint.resolve(args.resume) if args.resume else None
     rank, world, device = setup()
     args.student = student_name(args.student, args.domains[0].partition("@")[0])
     domains = parse_domains(args.domains, args.student)  # [(name, env spec, teacher)]
@@ -445,6 +450,10 @@ if __name__ == "__main__":
             envs.make(spec, seed=args.seed).close()  # a bad spec fails here, in one line
     except (envs.EnvError, ValueError) as e:
         raise SystemExit(f"error: domain {name!r}: {e}") from None
+    try:  # {} or {"user": the customer model}, one copy for the tau2 domains (the others talk to no customer)
+        user = env_user(args.user_model, next((s for _, s, _ in domains if s.startswith("tau2:")), domains[0][1]), device)
+    except (ModelError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     weights = list(args.domain_weights or [1.0] * len(domains))
     seed_everything(args.seed + rank)  # each rank its own stream; the run is reproducible from --seed
     sampler = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)  # sampling of tokens
@@ -458,16 +467,9 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay)
 
-    start_iteration, name = 0, run_name("+".join(names), args.exp_name, args.seed)
-    baseline = {}  # per domain: held-out success of the initial student and of the domain's teacher
-    if resume_path:
-        start_iteration, name, extra = checkpoint.load(resume_path, student, optimizer, generators)
-        baseline = extra["baseline"]
-    run_dir = os.path.join(args.runs_dir, name)
-    writer = open_writer(args, run_dir, name, start_iteration if resume_path else None) if rank == 0 else None
-    if rank == 0:
-        print(f"run {name}: {world} rank(s) on {device}, student {args.student}, domains "
-              + ", ".join(f"{n} ({s}) scored by {route[n]}" for n, s, _ in domains))
+    run = Run(args, "+".join(names), student, tokenizer, optimizer, generators, device,
+              "domains " + ", ".join(f"{n} ({s}) scored by {route[n]}" for n, s, _ in domains))
+    baseline = run.extra.get("baseline", {})  # per domain: held-out success of the initial student and its teacher
 
     # Environments are made on first use and reset for every episode (a TextWorld-Express env is a JVM
     # process): one pool per domain and split, as large as the most episodes of it played at once.
@@ -476,7 +478,8 @@ if __name__ == "__main__":
     def pool(domain: str, split: str, n: int) -> list:
         envs_ = pools.setdefault((domain, split), [])
         spec = next(s for d, s, _ in domains if d == domain)
-        envs_ += [envs.make(spec, seed=args.seed, split=split) for _ in range(n - len(envs_))]
+        envs_ += [envs.make(spec, seed=args.seed, split=split, **(user if spec.startswith("tau2:") else {}))
+                  for _ in range(n - len(envs_))]
         return envs_[:n]
 
     max_turns = args.max_turns or max(pool(d, "train", 1)[0].max_turns for d in names)
@@ -484,41 +487,34 @@ if __name__ == "__main__":
 
     def evaluate_alone(model, domain: str):
         """The model alone on the domain's held-out seeds."""
-        eval_sampler = torch.Generator(device=device).manual_seed(args.seed + 12345 + rank)
-        with gathered(model):
-            return evaluate(lambda p, s: rollout(model, tokenizer, p, [domain] * len(p), s, args, eval_sampler,
-                                                 args.eval_temperature, max_turns),
-                            pool(domain, "heldout", eval_batch), args.eval_episodes, rank, world)
+        return run.evaluate(model, lambda p, s, sampler: rollout(model, tokenizer, p, [domain] * len(p), s, args, sampler,
+                                                                 args.eval_temperature, max_turns), pool(domain, "heldout", eval_batch))
 
     def evaluate_domains(step: int, results: dict | None = None) -> None:
         results = results or {d: evaluate_alone(student, d) for d in names}
-        if rank == 0:
-            g = {d: normalised(ev["success_rate"], *baseline[d]) for d, (ev, _) in results.items()}
-            known = [v for v in g.values() if math.isfinite(v)] or [float("nan")]
-            for d, (ev, eps) in results.items():
-                log_scalars(writer, f"eval/{d}", {**ev, "normalised": g[d]}, step)
-                writer.add_text(f"eval/{d}/trajectory", trajectory_text(tokenizer, eps[0]), step)
-            log_scalars(writer, "eval", {"success_rate": sum(ev["success_rate"] for ev, _ in results.values()) / len(results),
-                                         "normalised_mean": sum(known) / len(known), "normalised_min": min(known)}, step)
-            print(f"eval after {step} iterations: " + ", ".join(f"{d} success {ev['success_rate']:.2f} (g {g[d]:.2f})"
-                                                                 for d, (ev, _) in results.items())
-                  + f"; normalised mean {sum(known) / len(known):.2f}, min {min(known):.2f}", flush=True)
+        g = {d: normalised(ev["success_rate"], *baseline[d]) for d, (ev, _) in results.items()}
+        known = [v for v in g.values() if math.isfinite(v)] or [float("nan")]
+        run.log(step, {**{f"eval/{d}": {**ev, "normalised": g[d]} for d, (ev, _) in results.items()},
+                       "eval": {"success_rate": sum(ev["success_rate"] for ev, _ in results.values()) / len(results),
+                                "normalised_mean": sum(known) / len(known), "normalised_min": min(known)}},
+                f"eval after {step} iterations: " + ", ".join(f"{d} success {ev['success_rate']:.2f} (g {g[d]:.2f})"
+                                                              for d, (ev, _) in results.items())
+                + f"; normalised mean {sum(known) / len(known):.2f}, min {min(known):.2f}",
+                [(f"eval/{d}/trajectory", ep) for d, (_, eps) in results.items() for ep in eps[:1]])
 
     # Each domain's own teacher alone and the initial student, once: the two ends of the normalised score.
-    if start_iteration == 0:
+    if run.start == 0:
         initial = {}
         for d in names:
             teacher_eval, _ = evaluate_alone(teachers[own_teacher[d]], d)
             initial[d] = evaluate_alone(student, d)
             student_eval = initial[d][0]
             baseline[d] = (student_eval["success_rate"], teacher_eval["success_rate"])
-            if rank == 0:
-                log_scalars(writer, f"teacher/{d}", teacher_eval, 0)
-                print(f"{d}: teacher held-out success {teacher_eval['success_rate']:.2f}, "
-                      f"student before training {student_eval['success_rate']:.2f}")
+            run.log(0, {f"teacher/{d}": teacher_eval}, f"{d}: teacher held-out success {teacher_eval['success_rate']:.2f}, "
+                    f"student before training {student_eval['success_rate']:.2f}")
         evaluate_domains(0, initial)
 
-    for iteration in range(start_iteration, args.total_iterations):
+    for iteration in range(run.start, args.total_iterations):
         t_iter = time.time()
         lr = lr_at(iteration, args)
         for group in optimizer.param_groups:
@@ -556,34 +552,17 @@ if __name__ == "__main__":
         totals = all_sum({**episode_sums(episodes), **per_domain,
                           **{k: v for k, v in step.items() if k not in ("grad_norm", "skipped_steps")}})
         completed = iteration + 1
-        if rank == 0:
-            rates = episode_means(totals)
-            n_seq = max(totals["sequences"], 1)
-            losses = {"reverse_kl": totals["reverse_kl"] / n_seq, "loss": totals["loss"] / n_seq, "grad_norm": step["grad_norm"],
-                      "skipped_steps": step["skipped_steps"], "adv_clipfrac": totals["adv_clipped"] / max(totals["tokens"], 1),
-                      **{f"{d}/reverse_kl": totals[f"{i}/reverse_kl"] / max(totals[f"{i}/sequences"], 1) for i, d in enumerate(names)},
-                      **({"clipfrac": totals["clipped"] / max(totals["tokens"], 1)} if "clipped" in totals else {})}
-            log_scalars(writer, "charts", {**rates, "learning_rate": lr,
-                                           "tokens_per_second": totals["agent_tokens"] / max(time.time() - t_iter, 1e-9)}, completed)
-            for d in names:
-                log_scalars(writer, f"charts/{d}", episode_means({k[len(d) + 1:]: v for k, v in totals.items() if k.startswith(d + "/")}), completed)
-            log_scalars(writer, "losses", losses, completed)
-            log_scalars(writer, "time", {"rollout": t_rollout, "teacher": t_teacher, "train": t_train}, completed)
-            print(f"iter {iteration:4d}  success {rates['success_rate']:.2f}  turns {rates['episode_turns']:5.1f}  "
-                  f"rkl {losses['reverse_kl']:.3f}  loss {losses['loss']:.4f}  grad {step['grad_norm']:.2f}"
-                  + (f"  ({step['skipped_steps']} non-finite steps skipped)" if step["skipped_steps"] else ""), flush=True)
-
-        if completed % args.eval_interval == 0 or completed == args.total_iterations:
+        n_seq = max(totals["sequences"], 1)
+        losses = {"reverse_kl": totals["reverse_kl"] / n_seq, "loss": totals["loss"] / n_seq,
+                  "adv_clipfrac": totals["adv_clipped"] / max(totals["tokens"], 1),
+                  **{f"{d}/reverse_kl": totals[f"{i}/reverse_kl"] / max(totals[f"{i}/sequences"], 1) for i, d in enumerate(names)},
+                  **({"clipfrac": totals["clipped"] / max(totals["tokens"], 1)} if "clipped" in totals else {})}
+        by_domain = {f"{d}/{k}": v for d in names for k, v in
+                     episode_means({k[len(d) + 1:]: v for k, v in totals.items() if k.startswith(d + "/")}).items()}
+        run.log_iteration(completed, totals, step, lr, t_iter, (t_rollout, t_teacher, t_train), losses, charts=by_domain,
+                          words=f"rkl {losses['reverse_kl']:.3f}")
+        if run.due(completed, args.eval_interval):
             evaluate_domains(completed)
-        if completed % args.save_interval == 0 or completed == args.total_iterations:
-            checkpoint.save(os.path.join(run_dir, "checkpoint.pt"), student, optimizer, completed, name, generators,
-                            extra={"baseline": baseline})
+        run.save(completed, extra={"baseline": baseline})
 
-    # Final save: the full student on rank 0 in Hugging Face format (AutoModelForCausalLM loads it).
-    checkpoint.save_final(student, tokenizer, os.path.join(run_dir, "final"))
-    if rank == 0:
-        writer.close()
-        print(f"saved the student to {os.path.join(run_dir, 'final')}")
-    for env in [e for p in pools.values() for e in p]:
-        env.close()
-    cleanup()
+    run.finish([e for p in pools.values() for e in p])  # the student in Hugging Face format, the envs closed

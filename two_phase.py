@@ -20,8 +20,9 @@ mode-seeking but needs a student that already reaches the states the experts kno
 Open choices, as flags: the data size (--expert-episodes per task), filtering by success (--success-only),
 the switch (after --phase1-iterations; the paper gives no criterion), the exact losses for local teachers
 (--teacher-loss full, --student-loss full), the sampling temperature of the experts' data
-(--expert-temperature), and from the template --num-minibatches and --adv-clip. One optimizer
-and one learning rate schedule span both phases. Arguments left at None are "auto": the tiny default's
+(--expert-temperature), and from the template --num-minibatches, --adv-clip and --ratio-clip (phase 2's sampled
+form, PPO's clipped ratio to the rollout student). One optimizer and one learning rate schedule span both phases.
+Arguments left at None are "auto": the tiny default's
 values with a tiny student, the real-model values otherwise (TINY and REAL below the Args).
 
     python two_phase.py                                    # embedded tiny default: three games, CPU, minutes
@@ -45,14 +46,12 @@ import torch.distributed as dist
 import tyro
 
 import envs
-from common import checkpoint
-from common.dist import all_max, all_sum, cleanup, setup
-from common.episode import (STUDENT, TEACHER, Episode, TurnCache, collate, end_of_turn_id, episode_means,
-                            episode_sums, generate_replies, pack_by_tokens)
+from common.dist import all_max, all_sum, setup
+from common.episode import (STUDENT, TEACHER, Episode, TurnCache, collate, end_of_turn_id, episode_sums,
+                            generate_replies, pack_by_tokens)
 from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
-from common.runs import (check_rollout_args, evaluate, gathered, log_scalars, open_writer, run_name, seed_everything,
-                         trajectory_text)
-from common.teacher import Teachers, token_logprobs
+from common.runs import Run, check_rollout_args, evaluate, gathered, seed_everything
+from common.teacher import Teachers, score_teacher, token_logprobs
 from common.user import env_user
 
 
@@ -73,8 +72,8 @@ class Args:
 
     # Models and environments
     student: str = "tiny"
-    """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` / `tiny-small`
-    (tiny students that share a tokenizer with the tasks' tiny experts)"""
+    """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` (weak but able),
+    `tiny-novice` or `tiny-small` (tiny students that share a tokenizer with the tasks' tiny experts)"""
     tasks: tuple[str, ...] = ("twx:simonsays", "twx:peckingorder", "twx:coin:numLocations=4,includeDoors=0")
     """the tasks: environment specs (see envs/), one expert each; the student learns all of them"""
     teachers: tuple[str, ...] | None = None
@@ -152,6 +151,9 @@ class Args:
     the vocabulary (auto: full tiny, ce real)"""
     adv_clip: float = 0.0
     """clip the sampled form's per-token advantage log pi_T - log pi_s to +-adv_clip (0 = no clip)"""
+    ratio_clip: float = 0.0
+    """phase 2's sampled form: weigh each token by pi_s / pi_s(rollout), clipped to 1 +- ratio_clip as PPO, with
+    the advantage of the rollout-time student (0 = the plain estimator, no ratio)"""
 
     @property
     def total_iterations(self) -> int:
@@ -292,6 +294,18 @@ def sampled_reverse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor, adv_clip: flo
     return -advantage * logp_s
 
 
+def clipped_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, logp_t: torch.Tensor, ratio_clip: float,
+                               adv_clip: float = 0.0) -> torch.Tensor:
+    """Phase 2's sampled form for a batch that the student sampled a few optimizer steps ago (PPO's surrogate):
+    A_t = log pi_T(y_t) - log pi_old(y_t) from the rollout-time student, r_t = pi_s(y_t) / pi_old(y_t),
+    loss_t = -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t). At r_t = 1 its gradient is the plain form's."""
+    advantage = logp_t - logp_old
+    if adv_clip > 0:
+        advantage = advantage.clamp(-adv_clip, adv_clip)
+    ratio = torch.exp(logp_s - logp_old)
+    return -torch.min(ratio * advantage, ratio.clamp(1 - ratio_clip, 1 + ratio_clip) * advantage)
+
+
 def full_reverse_kl(full_s: torch.Tensor, full_t: torch.Tensor) -> torch.Tensor:
     """KL(pi_s || pi_T) = sum_v pi_s(v) (log pi_s(v) - log pi_T(v)), from full log-prob rows [N, V]."""
     return (full_s.exp() * (full_s - full_t)).sum(-1)
@@ -306,14 +320,17 @@ def full_forward_kl(full_s: torch.Tensor, full_t: torch.Tensor) -> torch.Tensor:
 def two_phase_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(sum of the student-token loss, sum of the expert-token loss, statistics) over the micro-batch's
     trained tokens. `mb` holds the batch tensors, each row's own expert's log-probs (`teacher_logp`), its full
-    rows at the trained positions (`teacher_full`, for the exact losses)."""
+    rows at the trained positions (`teacher_full`, for the exact losses) and the rollout student's (`old_logp`)."""
     s_mask = mb["loss_mask"] & (mb["role"] == STUDENT)
     t_mask = mb["loss_mask"] & (mb["role"] == TEACHER)
     full = "teacher_full" in mb
     s = token_logprobs(student, mb["input_ids"], mb["attention_mask"], mb["loss_mask"], full=full)
     logp_s, logp_t = s.logp, mb["teacher_logp"]
 
-    rkl_tokens = sampled_reverse_kl(logp_s, logp_t, args.adv_clip)
+    if args.ratio_clip > 0 and "old_logp" in mb:  # phase 2's sampled form with --ratio-clip
+        rkl_tokens = clipped_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_clip, args.adv_clip)
+    else:
+        rkl_tokens = sampled_reverse_kl(logp_s, logp_t, args.adv_clip)
     fkl_tokens = -logp_s  # phase 1: forward KL with only the expert's sampled tokens known = cross-entropy
     if full:  # the exact losses from the full distributions at the trained positions (rows in mask order)
         where = mb["loss_mask"].nonzero(as_tuple=True)
@@ -331,6 +348,8 @@ def two_phase_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, torch.T
             "student_tokens": s_mask.sum().item(),
             "teacher_tokens": t_mask.sum().item(),
         }
+        if "old_logp" in mb:  # share of student tokens whose ratio left the clip range
+            stats["clipped"] = (((logp_s - mb["old_logp"]).exp() - 1).abs().gt(args.ratio_clip) & s_mask).sum().item()
     return pg_sum, ce_sum, stats
 
 
@@ -354,8 +373,8 @@ def shard(model, device, trainable: bool, activation_checkpointing: bool = False
     return model
 
 
-def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher_scores, args: Args, world: int,
-               device) -> dict:
+def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher_scores, old_logp, args: Args,
+               world: int, device) -> dict:
     """One iteration's updates. The batch is split into --num-minibatches mini-batches, one optimizer step
     each (as verl's PPO mini-batches): a tiny model needs many steps, and rollouts cost the most. Inside a
     mini-batch, micro-batches of at most --micro-batch-tokens accumulate gradients; the loss is the token
@@ -383,6 +402,8 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
             mb["teacher_logp"] = teacher_scores.logp[idx, :width].to(device)
             if full_rows is not None:
                 mb["teacher_full"] = teacher_scores.full[full_rows[idx, :width][loss_mask[idx, :width]]].to(device)
+            if old_logp is not None:
+                mb["old_logp"] = old_logp[idx, :width].to(device)
             pg_sum, ce_sum, stats = two_phase_loss(student, mb, args)
             # The mini-batch's loss is a mean over its tokens on every rank; FSDP averages gradients over
             # ranks, hence the factor world.
@@ -417,8 +438,9 @@ def check_args(args: Args) -> None:
     if args.temperature != 1 and args.student_loss == "sampled":
         raise SystemExit("error: --temperature must be 1 with the sampled reverse KL (its log-probs are of the "
                          "untempered models); sample at another temperature only with --student-loss full")
-    if args.expert_temperature < 0 or args.adv_clip < 0:
-        raise SystemExit("error: --expert-temperature must be 0 (greedy) or more, --adv-clip 0 (off) or positive")
+    if args.expert_temperature < 0 or args.adv_clip < 0 or args.ratio_clip < 0:
+        raise SystemExit("error: --expert-temperature must be 0 (greedy) or more, --adv-clip and --ratio-clip 0 (off) "
+                         "or positive")
 
 
 if __name__ == "__main__":
@@ -426,7 +448,6 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     fill_defaults(args, TINY, REAL)
     check_args(args)
-    resume_path = checkpoint.resolve(args.resume) if args.resume else None
     rank, world, device = setup()
     try:
         for task in args.tasks:  # a bad spec fails here, in one line
@@ -450,17 +471,11 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay)
 
-    start_iteration, name = 0, run_name("+".join(task_label(t) for t in args.tasks), args.exp_name, args.seed)
-    if resume_path:
-        start_iteration, name, extra = checkpoint.load(resume_path, student, optimizer, generators)
-        if extra["phase1_iterations"] != args.phase1_iterations:
-            raise SystemExit(f"error: the checkpoint switched phases after {extra['phase1_iterations']} iterations: "
-                             f"resume with --phase1-iterations {extra['phase1_iterations']}")
-    run_dir = os.path.join(args.runs_dir, name)
-    writer = open_writer(args, run_dir, name, start_iteration if resume_path else None) if rank == 0 else None
-    if rank == 0:
-        print(f"run {name}: {world} rank(s) on {device}, student {args.student}, tasks and experts: "
-              + ", ".join(f"{task_label(t)} {e}" for t, e in zip(args.tasks, args.teachers)))
+    run = Run(args, "+".join(task_label(t) for t in args.tasks), student, tokenizer, optimizer, generators, device,
+              "tasks and experts: " + ", ".join(f"{task_label(t)} {e}" for t, e in zip(args.tasks, args.teachers)))
+    if run.extra.get("phase1_iterations", args.phase1_iterations) != args.phase1_iterations:
+        raise SystemExit(f"error: the checkpoint switched phases after {run.extra['phase1_iterations']} iterations: "
+                         f"resume with --phase1-iterations {run.extra['phase1_iterations']}")
 
     # Environments are made once and reset for every episode (a TextWorld-Express env is a JVM process).
     # Their own randomness comes from (--seed, split, episode seed): the same episode on any rank.
@@ -478,13 +493,11 @@ if __name__ == "__main__":
     def evaluate_alone(model_of) -> tuple[dict, list[Episode]]:
         """`model_of(task)` alone on each task's held-out seeds: per-task rates, their mean and the lowest
         success rate; and this rank's first episodes of each task (for the decoded trajectories)."""
-        eval_sampler = torch.Generator(device=device).manual_seed(args.seed + 12345 + rank)
         out, shown = {}, []
         for task in args.tasks:
-            with gathered(model_of(task)):
-                ev, eps = evaluate(lambda p, s: rollout(model_of(task), tokenizer, p, [task] * len(s), s, STUDENT, args,
-                                                        eval_sampler, args.eval_temperature, max_turns),
-                                   eval_pools[task], args.eval_episodes, rank, world)
+            ev, eps = run.evaluate(model_of(task), lambda p, s, sampler: rollout(
+                model_of(task), tokenizer, p, [task] * len(s), s, STUDENT, args, sampler, args.eval_temperature, max_turns),
+                eval_pools[task])
             out.update({f"{task_label(task)}/{k}": v for k, v in ev.items()})
             shown += eps[:1]
         for k in ("success_rate", "score", "episode_turns"):
@@ -496,17 +509,15 @@ if __name__ == "__main__":
         return " ".join(f"{task_label(t)} {ev[task_label(t) + '/success_rate']:.2f}" for t in args.tasks)
 
     # Each expert alone on its task, once: the levels the student is distilled towards.
-    if start_iteration == 0:
+    if run.start == 0:
         teacher_eval, _ = evaluate_alone(lambda task: experts[task])
         student_eval, _ = evaluate_alone(lambda task: student)
-        if rank == 0:
-            log_scalars(writer, "teacher", teacher_eval, 0)
-            log_scalars(writer, "eval", student_eval, 0)
-            print(f"experts' held-out success: {summary(teacher_eval)}; student before training: {summary(student_eval)}")
+        run.log(0, {"teacher": teacher_eval, "eval": student_eval},
+                f"experts' held-out success: {summary(teacher_eval)}; student before training: {summary(student_eval)}")
 
     # Phase 1 data, played before training (again on a resume in phase 1: the experts' sampling has its own
     # generator seeded from --seed, so the same episodes come back).
-    if start_iteration < args.phase1_iterations:
+    if run.start < args.phase1_iterations:
         t0 = time.time()
         collect_sampler = torch.Generator(device=device).manual_seed(args.seed * 1000 + 777 + rank)
         data, train_rates = collect_expert_data(experts, tokenizer, task_pools, args, collect_sampler, max_turns, rank, world)
@@ -518,7 +529,7 @@ if __name__ == "__main__":
             print(f"phase 1 data in {time.time() - t0:.0f}s: " + ", ".join(
                 f"{task_label(t)} {len(data[t])} episodes ({train_rates[t]['success_rate']:.0%} solved)" for t in args.tasks))
 
-    for iteration in range(start_iteration, args.total_iterations):
+    for iteration in range(run.start, args.total_iterations):
         t_iter = time.time()
         phase = phase_at(iteration, args)
         lr = lr_at(iteration, args)
@@ -537,59 +548,38 @@ if __name__ == "__main__":
         t_rollout = time.time() - t0
 
         # Expert scoring, each episode by its own task's expert only: log pi_T of every agent token (phase 2's
-        # advantage; phase 1's logged forward KL), full distributions only for the exact losses.
+        # advantage; phase 1's logged forward KL), full distributions only for the exact losses. With --ratio-clip
+        # in phase 2 the student's own rollout-time log-probs too (the ratio's denominator).
         t0 = time.time()
         batch = collate(episodes, tokenizer.pad_token_id)
         need_full = (args.teacher_loss if phase == 1 else args.student_loss) == "full"
         scores = score_by_task(experts, batch, episodes, full=need_full)
+        old_logp = None
+        if phase == 2 and args.student_loss == "sampled" and args.ratio_clip > 0:
+            old_logp = score_teacher(student, batch, batch["loss_mask"], args.micro_batch_tokens).logp
         t_teacher = time.time() - t0
 
         # ALGO LOGIC: the training step
         t0 = time.time()
-        step = train_step(student, optimizer, episodes, batch, scores, args, world, device)
+        step = train_step(student, optimizer, episodes, batch, scores, old_logp, args, world, device)
         t_train = time.time() - t0
 
         # ---- INFRASTRUCTURE: logging (sums over every rank's episodes and micro-batches), eval, checkpoint ----
         totals = all_sum({**episode_sums(episodes), **{k: v for k, v in step.items() if k not in ("grad_norm", "skipped_steps")}})
-        completed = iteration + 1
-        if rank == 0:
-            rates = episode_means(totals)  # phase 1: of the experts' episodes trained on; phase 2: the student's
-            n_student, n_teacher = max(totals["student_tokens"], 1), max(totals["teacher_tokens"], 1)
-            losses = {"reverse_kl": totals["reverse_kl"] / n_student, "forward_kl": totals["forward_kl"] / n_teacher,
-                      "pg_loss": totals["pg_loss"] / n_student, "ce_loss": totals["ce_loss"] / n_teacher,
-                      "loss": (totals["pg_loss"] + totals["ce_loss"]) / max(totals["agent_tokens"], 1),
-                      "grad_norm": step["grad_norm"], "skipped_steps": step["skipped_steps"]}
-            if phase == 1:  # no student tokens in phase 1, no expert tokens in phase 2
-                del losses["reverse_kl"], losses["pg_loss"]
-            else:
-                del losses["forward_kl"], losses["ce_loss"]
-            log_scalars(writer, "charts", {**rates, "learning_rate": lr,
-                                           "tokens_per_second": totals["agent_tokens"] / max(time.time() - t_iter, 1e-9)}, completed)
-            log_scalars(writer, "losses", losses, completed)
-            log_scalars(writer, "schedule", {"phase": phase}, completed)
-            log_scalars(writer, "time", {"rollout": t_rollout, "teacher": t_teacher, "train": t_train}, completed)
-            kl = f"fkl {losses['forward_kl']:.3f}" if phase == 1 else f"rkl {losses['reverse_kl']:.3f}"
-            print(f"iter {iteration:4d}  phase {phase}  success {rates['success_rate']:.2f}  turns {rates['episode_turns']:5.1f}  "
-                  f"{kl}  loss {losses['loss']:.4f}  grad {step['grad_norm']:.2f}"
-                  + (f"  ({step['skipped_steps']} non-finite steps skipped)" if step["skipped_steps"] else ""), flush=True)
-
-        if completed % args.eval_interval == 0 or completed == args.total_iterations:
+        completed = iteration + 1  # charts/*: in phase 1 of the experts' episodes trained on, in phase 2 the student's
+        n_student, n_teacher = max(totals["student_tokens"], 1), max(totals["teacher_tokens"], 1)
+        losses = {"loss": (totals["pg_loss"] + totals["ce_loss"]) / max(totals["agent_tokens"], 1), **(
+            {"forward_kl": totals["forward_kl"] / n_teacher, "ce_loss": totals["ce_loss"] / n_teacher} if phase == 1 else
+            {"reverse_kl": totals["reverse_kl"] / n_student, "pg_loss": totals["pg_loss"] / n_student}),  # one role a phase
+            **({"clipfrac": totals["clipped"] / n_student} if "clipped" in totals else {})}
+        kl = f"fkl {losses['forward_kl']:.3f}" if phase == 1 else f"rkl {losses['reverse_kl']:.3f}"
+        run.log_iteration(completed, totals, step, lr, t_iter, (t_rollout, t_teacher, t_train), losses, {"phase": phase},
+                          words=f"phase {phase}  {kl}")
+        if run.due(completed, args.eval_interval):
             ev, eval_eps = evaluate_alone(lambda task: student)
-            if rank == 0:
-                log_scalars(writer, "eval", ev, completed)
-                for ep in eval_eps:
-                    writer.add_text(f"eval/{task_label(ep.task)}/trajectory", trajectory_text(tokenizer, ep), completed)
-                print(f"eval after {completed} iterations: held-out success {summary(ev)} (mean {ev['success_rate']:.2f}, "
-                      f"min {ev['min_success_rate']:.2f})", flush=True)
-        if completed % args.save_interval == 0 or completed == args.total_iterations:
-            checkpoint.save(os.path.join(run_dir, "checkpoint.pt"), student, optimizer, completed, name, generators,
-                            extra={"phase": phase_at(completed, args), "phase1_iterations": args.phase1_iterations})
+            run.log(completed, {"eval": ev}, f"eval after {completed} iterations: held-out success {summary(ev)} (mean "
+                    f"{ev['success_rate']:.2f}, min {ev['min_success_rate']:.2f})",
+                    [(f"eval/{task_label(ep.task)}/trajectory", ep) for ep in eval_eps])
+        run.save(completed, extra={"phase": phase_at(completed, args), "phase1_iterations": args.phase1_iterations})
 
-    # Final save: the full student on rank 0 in Hugging Face format (AutoModelForCausalLM loads it).
-    checkpoint.save_final(student, tokenizer, os.path.join(run_dir, "final"))
-    if rank == 0:
-        writer.close()
-        print(f"saved the student to {os.path.join(run_dir, 'final')}")
-    for env in [env for p in (*task_pools.values(), *eval_pools.values()) for env in p]:
-        env.close()
-    cleanup()
+    run.finish([env for p in (*task_pools.values(), *eval_pools.values()) for env in p])  # the student in HF format

@@ -22,7 +22,7 @@ ALIASES = {
     "qwen3-32b": "Qwen/Qwen3-32B",
     "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
 }
-KNOWN = ", ".join([*ALIASES, "tiny", "tiny-small", "tiny:<suite>", "tiny-expert:<game>"])
+KNOWN = ", ".join([*ALIASES, "tiny", "tiny-novice", "tiny-small", "tiny:<suite>", "tiny-expert:<game>"])
 
 
 def is_tiny(name: str) -> bool:
@@ -160,7 +160,7 @@ def random_qwen3(name: str, device, dtype: torch.dtype, seed: int = 0):
 
 
 def student_name(name: str, env: str) -> str:
-    """`tiny` (or a variant, `tiny-small`) is the tiny student that shares a tokenizer with `env`'s tiny
+    """`tiny` (or a variant, `tiny-novice`, `tiny-small`) is the tiny student that shares a tokenizer with `env`'s tiny
     expert (its suite's: `tiny:gem` for a GEM env); any other name is used as given."""
     if is_tiny(name) and not name.startswith("tiny-expert") and ":" not in name:
         from common import tiny

@@ -1,5 +1,6 @@
-"""What every training script does around its method: the run's folder and logs, held-out evaluation,
-decoded trajectories, and keeping FSDP's parameters gathered while a model generates.
+"""What every training script does around its method: the run's folder, logs, checkpoints and final save
+(`Run`), held-out evaluation, decoded trajectories, and keeping FSDP's parameters gathered while a model
+generates.
 
 The scripts log to tensorboard under `runs/<run_name>` (mirrored to Weights and Biases with `--track`);
 steps count completed iterations, and step 0 holds the evaluations before training.
@@ -16,8 +17,10 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from common.dist import all_max, all_sum
+from common import checkpoint
+from common.dist import all_max, all_sum, cleanup
 from common.episode import Episode, episode_means, episode_sums
 
 
@@ -37,6 +40,8 @@ def check_rollout_args(args) -> None:
         fail("--max-turns must be 0 (the env's default) or more; --micro-batch-tokens and --eval-episodes at least 1")
     if args.temperature < 0 or args.eval_temperature < 0:
         fail("--temperature and --eval-temperature must be 0 (greedy) or more")
+    if args.resume:
+        checkpoint.resolve(args.resume)  # a folder without a checkpoint fails here, in one line
 
 
 def seed_everything(seed: int) -> None:
@@ -69,6 +74,81 @@ def open_writer(args, run_dir: str, name: str, resumed_at: int | None):
 def log_scalars(writer, prefix: str, values: dict[str, float], step: int) -> None:
     for k, v in values.items():
         writer.add_scalar(f"{prefix}/{k}", v, step)
+
+
+class Run:
+    """A training run's bookkeeping, the same in every script: its name and folder, rank 0's tensorboard writer
+    (None on the other ranks, where logging does nothing), held-out evaluation, resumable checkpoints and the
+    final save. Made fresh, or from --resume's checkpoint with the student, optimizer and named generators
+    restored in place; `start` is the first iteration to play, `extra` what the script keeps in its checkpoints
+    ({} when fresh). Every rank makes it and calls `evaluate`, `save` and `finish` (collective)."""
+
+    def __init__(self, args, label: str, student, tokenizer, optimizer, generators: dict, device, about: str):
+        self.args, self.student, self.tokenizer, self.optimizer, self.generators = args, student, tokenizer, optimizer, generators
+        self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), device
+        self.start, self.name, self.extra = 0, run_name(label, args.exp_name, args.seed), {}
+        if args.resume:
+            self.start, self.name, self.extra = checkpoint.load(checkpoint.resolve(args.resume), student, optimizer, generators)
+        self.dir = os.path.join(args.runs_dir, self.name)
+        self.writer = open_writer(args, self.dir, self.name, self.start if args.resume else None) if self.rank == 0 else None
+        if self.writer is not None:
+            print(f"run {self.name}: {self.world} rank(s) on {device}, student {args.student}, {about}")
+
+    def evaluate(self, model, play, pool: list) -> tuple[dict[str, float], list[Episode]]:
+        """`model` alone on held-out seeds 0..--eval-episodes-1 (`evaluate` below), its FSDP parameters gathered:
+        `play(envs, seeds, sampler)`, with a sampler seeded from --seed and the rank (the same at every call)."""
+        sampler = torch.Generator(device=self.device).manual_seed(self.args.seed + 12345 + self.rank)
+        with gathered(model):
+            return evaluate(lambda p, s: play(p, s, sampler), pool, self.args.eval_episodes, self.rank, self.world)
+
+    def due(self, completed: int, interval: int) -> bool:
+        """An evaluation or a checkpoint after `completed` iterations: every `interval`, and at the end."""
+        return completed % interval == 0 or completed == self.args.total_iterations
+
+    def log(self, step: int, scalars: dict[str, dict], line: str, shown=()) -> None:
+        """Evaluations: each dict of `scalars` under its prefix (`eval`, `teacher`, `eval/<task>`), the decoded
+        episodes `shown` ((tag, episode) pairs) and `line` on stdout."""
+        if self.writer is not None:
+            for prefix, values in scalars.items():
+                log_scalars(self.writer, prefix, values, step)
+            for tag, ep in shown:
+                self.writer.add_text(tag, trajectory_text(self.tokenizer, ep), step)
+            print(line, flush=True)
+
+    def log_iteration(self, step: int, totals: dict, train: dict, lr: float, t_iter: float, times: tuple, losses: dict,
+                      schedule: dict | None = None, charts: dict | None = None, words: str = "") -> None:
+        """An iteration's record (`step` iterations completed): charts/* (the rates of `totals`, sums over every
+        rank's episodes; the learning rate, `charts`, agent tokens per second since `t_iter`), losses/* (`losses`,
+        the training step's mean gradient norm and skipped steps from `train`), schedule/*, time/* (seconds of
+        rollout, teacher scoring, training); a line on stdout with the script's `words`."""
+        if self.writer is None:
+            return
+        rates = episode_means(totals)
+        log_scalars(self.writer, "charts", {**rates, "learning_rate": lr, **(charts or {}),
+                                            "tokens_per_second": totals["agent_tokens"] / max(time.time() - t_iter, 1e-9)}, step)
+        log_scalars(self.writer, "losses", {**losses, "grad_norm": train["grad_norm"], "skipped_steps": train["skipped_steps"]}, step)
+        log_scalars(self.writer, "schedule", schedule or {}, step)
+        log_scalars(self.writer, "time", dict(zip(("rollout", "teacher", "train"), times)), step)
+        print(f"iter {step - 1:4d}  success {rates['success_rate']:.2f}  turns {rates['episode_turns']:5.1f}  {words}  "
+              f"loss {losses['loss']:.4f}  grad {train['grad_norm']:.2f}"
+              + (f"  ({train['skipped_steps']} non-finite steps skipped)" if train["skipped_steps"] else ""), flush=True)
+
+    def save(self, completed: int, extra: dict | None = None) -> None:
+        """A resumable checkpoint every --save-interval iterations and at the end, with the script's `extra`."""
+        if self.due(completed, self.args.save_interval):
+            checkpoint.save(os.path.join(self.dir, "checkpoint.pt"), self.student, self.optimizer, completed, self.name,
+                            self.generators, extra)
+
+    def finish(self, envs_to_close) -> None:
+        """The final save: the full student on rank 0 in Hugging Face format (AutoModelForCausalLM loads it);
+        then the envs closed and the process group left."""
+        checkpoint.save_final(self.student, self.tokenizer, os.path.join(self.dir, "final"))
+        if self.writer is not None:
+            self.writer.close()
+            print(f"saved the student to {os.path.join(self.dir, 'final')}")
+        for env in envs_to_close:
+            env.close()
+        cleanup()
 
 
 def evaluate(play, pool: list, n_episodes: int, rank: int, world: int) -> tuple[dict[str, float], list[Episode]]:

@@ -287,7 +287,7 @@ def test_smoke_run_trains_and_saves_a_loadable_model(tmp_path):
     from common.models import load_model
 
     out = run(SMOKE + ["--total-iterations", "2"], tmp_path)
-    assert "coin (twx:coin:numLocations=4,includeDoors=0) scored by tiny-expert:coin" in out.stdout
+    assert "coin (twx:coin:numLocations=4,includeDoors=0) scored by tiny-expert:coin-same-origin" in out.stdout
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     for tag in ["charts/success_rate", "charts/coin/success_rate", "losses/reverse_kl", "losses/simonsays/reverse_kl",
                 "eval/success_rate", "eval/normalised_mean", "eval/normalised_min", "eval/peckingorder/success_rate",
@@ -352,6 +352,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks):
     (["--topk", "0"], "--topk at least 1"),
     (["--resume", "no/such/run"], "no checkpoint"),
     (["--num-minibatches", "5"], "--num-minibatches must be between 1 and --num-envs"),
+    (["--user-model", "tiny"], "--user-model is for conversational envs"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, expected):
     p = run(SMOKE + args, tmp_path, check=False, timeout=300)
@@ -372,3 +373,23 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path):
     p = run(SMOKE + ["--domains", "twx:simonsays", f"twx:coin@{tmp_path / 'other'}"], tmp_path, check=False, timeout=300)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode != 0 and "vocabulary" in last and str(len(tok) + 7) in last, p.stderr[-2000:]
+
+
+def test_tau2_domain_beside_a_game_with_a_model_customer(tmp_path, qwen3_shaped):
+    """A conversational domain (tau2:airline) beside a game, with the Qwen3 token format: the customer played by a
+    model (`--user-model`), given to the tau2 domain's envs only (a game takes no customer); --loss pg (real)."""
+    m = qwen3_shaped
+    p = run(["--domains", f"tau2:airline@{m}", f"twx:simonsays@{m}", "--student", m, "--user-model", m, "--num-envs", "2",
+             "--total-iterations", "1", "--max-turns", "2", "--max-new-tokens", "8", "--max-seq-len", "9000",
+             "--num-minibatches", "1", "--eval-episodes", "1", "--learning-rate", "1e-3"], tmp_path)
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert "airline success" in p.stdout and os.path.exists(os.path.join(run_dir, "final", "config.json"))
+    assert set(scalars(run_dir, "eval/airline/success_rate")) == {0, 1}
+    import envs  # the customer's opening in the logged episode is the model's, not the scripted stand-in's
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    shown = acc.Tensors("eval/airline/trajectory/text_summary")[-1].tensor_proto.string_val[0].decode()
+    scripted, _ = envs.make("tau2:airline", seed=1, split="heldout").reset(0)
+    assert "airline" in shown and scripted not in shown

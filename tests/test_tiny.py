@@ -23,12 +23,12 @@ def test_build_is_cached_and_loadable():
     r = tiny.recipe()
     table = tiny.build()
     assert set(table) == {g[0] for g in r.games}
-    assert all(set(row) == {"teacher", "student", "student-small"} for row in table.values())
+    assert all(set(row) == {"teacher", "student", "student-novice", "student-small"} for row in table.values())
     t0 = time.time()
     tiny.build()  # a second call finds everything on disk
     assert time.time() - t0 < 5
     tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
-    for name in ["tiny", "tiny-small"] + [f"tiny-expert:{g[0]}" for g in r.games]:
+    for name in ["tiny", "tiny-novice", "tiny-small"] + [f"tiny-expert:{g[0]}" for g in r.games]:
         model = AutoModelForCausalLM.from_pretrained(tiny.model_path(name))
         assert model.config.vocab_size == len(tok), name
     student, _ = load_model("tiny")
@@ -45,8 +45,10 @@ def test_a_run_builds_only_what_it_uses(tmp_path, monkeypatch):
     root = tiny.build_dir(tiny.recipe())
     built = lambda: sorted(f.rsplit("-", 1)[0] for f in os.listdir(root) if not f.endswith(".lock"))
     assert built() == ["expert-simonsays", "tokenizer"]
-    tiny.model_path("tiny")
-    assert built() == ["expert-simonsays", "student", "tokenizer"]
+    tiny.model_path("tiny-novice")
+    assert built() == ["expert-simonsays", "student-novice", "tokenizer"]
+    tiny.model_path("tiny")  # the able student starts from the novice, already built
+    assert built() == ["expert-simonsays", "student", "student-novice", "tokenizer"]
 
 
 def test_a_changed_model_rebuilds_only_itself():
@@ -58,15 +60,21 @@ def test_a_changed_model_rebuilds_only_itself():
     assert tiny.artefact_dir(other_expert, "student") == tiny.artefact_dir(r, "student")
     assert tiny.build_dir(dataclasses.replace(r, seed=1)) != tiny.build_dir(r)
     assert tiny.artefact_dir(r, "student-small") != tiny.artefact_dir(r, "student")
+    # the able student rebuilds when its novice or its own recipe changes; the novice not with the able recipe
+    assert tiny.artefact_dir(dataclasses.replace(r, student_steps=7), "student") != tiny.artefact_dir(r, "student")
+    able = dataclasses.replace(r, able_target=0.5)
+    assert tiny.artefact_dir(able, "student") != tiny.artefact_dir(r, "student")
+    assert tiny.artefact_dir(able, "student-novice") == tiny.artefact_dir(r, "student-novice")
 
 
 _BUILD = """
 import dataclasses, hashlib, sys
 from common import tiny
-r = dataclasses.replace(tiny.SMOKE, games=(("simonsays", "twx:simonsays", 20, 5e-3),), student_steps=5)
+r = dataclasses.replace(tiny.SMOKE, games=(("simonsays", "twx:simonsays", 20, 5e-3),), student_steps=5, able_steps=5,
+                        able_val_every=2)
 tiny.build(r, verbose=False)
 h = hashlib.sha1()
-for what in ("tokenizer", "expert-simonsays", "student"):
+for what in ("tokenizer", "expert-simonsays", "student-novice", "student"):
     folder = tiny.artefact_dir(r, what)
     for f in sorted(("tokenizer.json", "model.safetensors")):
         try:
@@ -119,3 +127,48 @@ def test_any_env_with_an_oracle_gets_a_suite(suite):
     assert tok.get_vocab() == teacher_tok.get_vocab()
     assert tok.get_vocab() != load_model("tiny")[1].get_vocab()  # not the default suite's tokenizer
     assert student.config.vocab_size == teacher.config.vocab_size == len(tok)
+
+
+def test_the_default_student_is_the_novice_made_able():
+    """`tiny` starts from `tiny-novice` (same shape, other weights) and records the validation that stopped
+    its supervised steps, per game; the novice and the small student are trained on random play only."""
+    import json
+
+    r = tiny.recipe()
+    novice, _ = load_model("tiny-novice")
+    able, _ = load_model("tiny")
+    assert novice.config.to_dict()["hidden_size"] == able.config.to_dict()["hidden_size"]
+    diff = [(p - q).abs().max().item() for p, q in zip(novice.parameters(), able.parameters())]
+    assert max(diff) > 0
+    with open(os.path.join(tiny.artefact_dir(r, "student"), "tiny.json")) as f:
+        info = json.load(f)
+    assert info["init"] == "student-novice"
+    assert set(info["validation"]) == {g[0] for g in r.games}
+    assert 0 < sum(v["steps"] for v in info["validation"].values()) <= r.able_steps
+
+
+class _Scripted:
+    """A validation that returns scripted success rates per game, one per call, and records the calls."""
+
+    def __init__(self, rates):
+        self.rates, self.calls = {g: list(v) for g, v in rates.items()}, []
+
+    def __call__(self, model, game):
+        self.calls.append(game)
+        return self.rates[game].pop(0)
+
+
+def test_train_able_keeps_each_game_near_the_target():
+    """A game is in the mix while its validation is below the target, out when at it, and back in when it
+    falls below again (training on the others made it forget); the build stops when all are at it together."""
+    tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
+    r = dataclasses.replace(tiny.SMOKE, able_steps=40, able_val_every=4, able_target=0.2, batch_tokens=64)
+    traj = tiny.TextTrajectory("system", ["obs one", "obs two"], ["look", "go north"], True)
+    episodes = {g: [tiny.render(tok, traj)] for g in ("a", "b")}
+    model = tiny.new_model(r.student, len(tok), 0)
+    #              validation after steps 4, 8, 12, 16
+    val = _Scripted({"a": [0.5, 0.0, 0.3, 0.3], "b": [0.0, 0.1, 0.0, 0.2]})
+    reached = tiny.train_able(model, episodes, val, r, tok.pad_token_id, 0, lambda *a: None)
+    # steps 1-4: a, b, a, b; 5-8: b only (a at 0.5); 9-12: a, b (a forgot); 13-16: b only; stop at 16 (both at 0.2+)
+    assert reached == {"a": (0.3, 2 + 2), "b": (0.2, 2 + 4 + 2 + 4)}
+    assert val.calls == ["a", "b"] * 4

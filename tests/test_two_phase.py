@@ -111,6 +111,29 @@ def test_sampled_estimate_has_the_full_reverse_kl_gradient():
     assert torch.allclose(grad_sampled, grad_full, atol=1e-6)
 
 
+def test_ratio_clip_changes_the_gradient_only_where_the_ratio_leaves_the_range():
+    """--ratio-clip: phase 2's sampled loss weighs each token by r = pi_s / pi_old (the rollout student, `old_logp`),
+    clipped to [1 - eps, 1 + eps] as PPO. At r = 1 it has the plain form's gradient; with every ratio inside the range
+    the unclipped ratio's (a huge eps); with ratios outside it, the clip changes the gradient."""
+    student, mb = tiny_model(), micro_batch(STUDENT)
+    logp = score_teacher(student, mb, mb["loss_mask"]).logp  # the rollout-time student = the current one: r = 1
+    mb["teacher_logp"] = logp + 1.0 - 2.0 * (torch.arange(logp.shape[1]) % 2)  # advantages +-1: both sides clip
+
+    def grad(eps, shift=None):  # gradient of the student-token loss, rollout log-probs logp - shift
+        batch = mb if shift is None else {**mb, "old_logp": logp - shift * mb["loss_mask"]}
+        pg, _, stats = tp.two_phase_loss(student, batch, tp.Args(student_loss="sampled", ratio_clip=eps))
+        assert pg.item() != 0 and (shift is None) == ("clipped" not in stats)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(pg, list(student.parameters()))])
+
+    plain = grad(0.0)
+    assert torch.allclose(grad(0.2, 0.0), plain, atol=1e-6)
+    for shift in (0.1, -0.1):  # r = e^0.1 or e^-0.1: inside [0.8, 1.2]
+        assert torch.allclose(grad(0.2, shift), grad(1e9, shift), atol=1e-6)
+        assert not torch.allclose(grad(0.2, shift), plain, atol=1e-4)  # the ratio is in the gradient
+    for shift in (0.5, -0.5):  # r = 1.65 or 0.61: outside
+        assert not torch.allclose(grad(0.2, shift), grad(1e9, shift), atol=1e-4)
+
+
 # -------------------------------------------------------------------------------- schedule and batches
 def test_phase_switch():
     a = tp.Args(phase1_iterations=3, phase2_iterations=2)
@@ -196,7 +219,8 @@ def run_train_step(args, episodes, V=50):
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     batch = collate(episodes, 0)
     scores = score_teacher(teacher, batch, batch["loss_mask"], full=True)
-    stats = tp.train_step(student, optimizer, episodes, batch, scores, args, 1, torch.device("cpu"))
+    old = score_teacher(student, batch, batch["loss_mask"]).logp if args.ratio_clip else None
+    stats = tp.train_step(student, optimizer, episodes, batch, scores, old, args, 1, torch.device("cpu"))
     grads = {n: p.grad.full_tensor().clone() for n, p in student.named_parameters()}
     return stats, grads
 
@@ -219,6 +243,17 @@ def test_gradient_accumulation_equals_the_token_mean_of_one_micro_batch(process_
     for n, p in ref.named_parameters():
         torch.testing.assert_close(g_many[n], p.grad, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(g_one[n], p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_ratio_clip_reaches_every_micro_batch(process_group):
+    """--ratio-clip: the rollout student's log-probs reach each micro-batch's loss (its clip count comes back); at
+    ratio 1 (one optimizer step, taken before the weights move) the gradient is the plain estimator's."""
+    kw = dict(student_loss="sampled", teacher_loss="ce", num_minibatches=1, max_grad_norm=1e9, micro_batch_tokens=20)
+    clipped, g_clipped = run_train_step(tp.Args(ratio_clip=0.2, **kw), synthetic_episodes(STUDENT))
+    plain, g_plain = run_train_step(tp.Args(**kw), synthetic_episodes(STUDENT))
+    assert clipped["clipped"] == 0 and "clipped" not in plain and clipped["grad_norm"] > 0
+    for n in g_plain:
+        torch.testing.assert_close(g_clipped[n], g_plain[n], atol=1e-6, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -303,6 +338,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks, phase1):
     (["--expert-episodes", "0"], "--expert-episodes must be at least 1"),
     (["--temperature", "0.5", "--student-loss", "sampled"], "--temperature must be 1 with the sampled reverse KL"),
     (["--user-model", "tiny"], "--user-model is for conversational envs"),
+    (["--ratio-clip", "-0.2"], "--adv-clip and --ratio-clip 0 (off) or positive"),
     (["--resume", "no/such/run"], "no checkpoint"),
     (["--student", "tiny-huge"], "no tiny student 'tiny-huge'"),
 ])
@@ -330,13 +366,14 @@ def test_expert_with_another_vocabulary_is_refused(tmp_path):
 
 def test_tau2_tasks_end_to_end_with_a_model_customer(tmp_path, qwen3_shaped):
     """The paper's main benchmark: two conversational tasks (airline and retail), the customer played by a model
-    (`--user-model`), the real-model defaults (cross-entropy in phase 1, sampled reverse KL in phase 2)."""
+    (`--user-model`), the real-model defaults (cross-entropy in phase 1, sampled reverse KL in phase 2, here with
+    --ratio-clip: the student's rollout log-probs scored in phase 2 only)."""
     m = qwen3_shaped
     p = run(["--tasks", "tau2:airline", "tau2:retail", "--student", m, "--teachers", m, m, "--user-model", m,
              "--num-envs", "2", "--phase1-iterations", "1", "--phase2-iterations", "1", "--expert-episodes", "2",
-             "--no-success-only", "--max-turns", "2", "--max-new-tokens", "8", "--max-seq-len", "9000",
-             "--num-minibatches", "1", "--eval-interval", "2", "--eval-episodes", "2", "--learning-rate", "1e-3"], tmp_path)
+             "--no-success-only", "--max-turns", "2", "--max-new-tokens", "8", "--max-seq-len", "9000", "--ratio-clip",
+             "0.2", "--num-minibatches", "1", "--eval-interval", "2", "--eval-episodes", "2", "--learning-rate", "1e-3"], tmp_path)
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     assert "held-out success airline" in p.stdout and os.path.exists(os.path.join(run_dir, "final", "config.json"))
-    assert scalars(run_dir, "schedule/phase") == {1: 1, 2: 2}
+    assert scalars(run_dir, "schedule/phase") == {1: 1, 2: 2} and set(scalars(run_dir, "losses/clipfrac")) == {2}
     assert all(v > 0 for v in scalars(run_dir, "losses/grad_norm").values())
