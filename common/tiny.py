@@ -193,7 +193,7 @@ def _hash(obj) -> str:
 MORE_EXPERTS = (
     # (name, env spec, optimizer steps, learning rate, init, attempts)
     ("coin-doors", "twx:coin:numLocations=4,includeDoors=1", 600, 1e-3, "scratch", 1),
-    ("coin-imperfect", "twx:coin:numLocations=4,includeDoors=0", 800, 1e-3, "scratch", 1),
+    ("coin-imperfect", "twx:coin:numLocations=4,includeDoors=0", 600, 1e-3, "scratch", 1),
     *((f"{g}-same-origin", spec, steps, lr, "student", 1) for g, spec, steps, lr in GAMES),
 )
 SUITES = {
