@@ -107,7 +107,7 @@ class Args:
     total_iterations: int = 100
     """training iterations: one batch of rollouts and --num-minibatches optimizer steps each"""
     learning_rate: float | None = None
-    """AdamW learning rate (auto: 2e-3 tiny, 1e-6 real)"""
+    """AdamW learning rate (auto: 5e-4 tiny, 1e-6 real)"""
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     """learning rate after warmup: constant, or decaying to 0 at the end"""
     warmup_iterations: int = 0
@@ -153,7 +153,7 @@ class Args:
 
 
 # "Auto" arguments (None above): the embedded tiny default's values, and a real model's.
-TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=2e-3, micro_batch_tokens=4096,
+TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=5e-4, micro_batch_tokens=4096,
             loss="full")
 REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
             loss="pg")
