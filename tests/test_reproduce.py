@@ -99,8 +99,10 @@ def test_dry_run_commands(tmp_path):
         "runs/reproduce/mopd/mopd-loss-topk"))), p.stdout
     pooled = lines[2]
     assert "two_phase.py" in pooled and "--phase1-iterations 6 --phase2-iterations 0" in pooled
-    specs = [d.partition("@")[0] for d in mopd.Args().domains]  # mopd's defaults are bare specs: their tiny experts
-    assert f"--tasks {' '.join(specs)} --seed" in pooled.replace("'", "") and "--teachers" not in pooled
+    specs = [d.partition("@")[0] for d in mopd.Args().domains]  # mopd's default domains and their teachers
+    teachers = [d.partition("@")[2] for d in mopd.Args().domains]
+    assert f"--tasks {' '.join(specs)}" in pooled.replace("'", "")
+    assert (f"--teachers {' '.join(teachers)}" in pooled.replace("'", "")) if all(teachers) else "--teachers" not in pooled
     assert "--route simonsays" in lines[1] and "--loss pg" in lines[3] and "--loss topk" in lines[4]
     assert all("--total-iterations 6" in line for line in lines[:2] + lines[3:])
 
