@@ -45,7 +45,8 @@ import tyro
 
 import envs
 from common.dist import all_max, all_sum, setup
-from common.episode import STUDENT, Episode, TurnCache, collate, end_of_turn_id, episode_sums, generate_replies, pack_by_tokens
+from common.episode import (STUDENT, Episode, TurnCache, collate, end_of_turn_id, episode_sums, generate_replies,
+                            pack_by_tokens, start_episodes, step_envs)
 from common.models import ModelError, fill_defaults, is_tiny, load_student_and_teachers, student_name, teacher_name
 from common.runs import Run, check_rollout_args, gathered, seed_everything
 from common.teacher import score_teacher, token_logprobs
@@ -132,6 +133,8 @@ class Args:
     """write a resumable checkpoint every N iterations (and at the end)"""
     resume: str | None = None
     """a run folder (or its checkpoint.pt) to continue from"""
+    max_env_failures: float = 0.25
+    """an episode whose env fails is dropped; more than this fraction of an iteration's stops the run (checkpointed)"""
 
     # Algorithm specific arguments
     mode: Literal["atod", "opd", "grpo", "constant"] = "atod"
@@ -208,10 +211,9 @@ def rollout(student, tokenizer, pool, seeds, args: Args, block_seeds: list[int],
     eot = end_of_turn_id(tokenizer)
     device = next(student.parameters()).device
     block = math.ceil(len(seeds) / len(block_seeds))
-    resets = envs.call_all(pool, lambda env, seed: env.reset(seed), seeds)  # at once where the envs allow it
-    episodes = [Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=info["task"], seed=seed)
-                for env, seed, (obs, info) in zip(pool, seeds, resets)]
-    active = [i for i, ep in enumerate(episodes) if not truncate_if_full(ep, args)]
+    # the envs reset and step at once where they allow it; an env that fails ends its episode (`error`, dropped later)
+    episodes = start_episodes(tokenizer, pool, seeds, args.thinking)
+    active = [i for i, ep in enumerate(episodes) if not ep.done and not truncate_if_full(ep, args)]
     caches = [TurnCache() for _ in episodes]
     for turn in range(max_turns):
         if all_max(len(active)) == 0:  # FSDP: every rank runs the same generate calls, so all stop together
@@ -227,7 +229,7 @@ def rollout(student, tokenizer, pool, seeds, args: Args, block_seeds: list[int],
                                     caches=[caches[i] for i in rows] if args.cache_turns else None)
             replies.update(zip(rows, outs))
         texts = [tokenizer.decode(replies[i], skip_special_tokens=True) for i in active]
-        steps = envs.call_all([pool[i] for i in active], lambda env, text: env.step(text), texts)
+        steps = step_envs(pool, episodes, active, texts)
         still_playing = []
         for i, text, (obs, reward, env_done, info) in zip(active, texts, steps):
             ep = episodes[i]
@@ -387,7 +389,7 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
             optimizer.zero_grad(set_to_none=True)
             for j in range(n_max):
                 student.set_requires_gradient_sync(j == n_max - 1)  # reduce gradients once, after the last
-                idx = groups[j] if j < len(groups) else groups[0][:1]  # a rank with fewer micro-batches repeats
+                idx = groups[j] if j < len(groups) else (groups or [[0]])[0][:1]  # a rank with fewer micro-batches repeats
                 weight = 1.0 if j < len(groups) else 0.0               # one row with zero weight, to stay in step
                 width = max(len(episodes[i]) for i in idx)  # right padding beyond the longest row is cut
                 mb = {k: batch[k][idx, :width].to(device) for k in ("input_ids", "attention_mask", "loss_mask")}
@@ -495,6 +497,7 @@ if __name__ == "__main__":
         with gathered(student):
             episodes = rollout(student, tokenizer, pool, seeds, args, [args.seed * 1_000_003 + task for task in tasks],
                                args.temperature, max_turns)
+        episodes = run.drop_failed(episodes, iteration, group=args.group_size)  # whole groups: GRPO needs them
         t_rollout = time.time() - t0
 
         # Scoring: the teacher's and the rollout-time student's log-probs of every agent token (the teacher's full
@@ -525,7 +528,7 @@ if __name__ == "__main__":
         # ---- INFRASTRUCTURE: logging (sums over every rank's episodes and micro-batches), eval, checkpoint ----
         n_rows = scored.any(1).sum().item()
         totals = all_sum({**episode_sums(episodes), **{k: v for k, v in step.items() if k not in ("grad_norm", "skipped_steps", "no_signal_steps")},
-                          "groups": len(tasks), "flat_groups": int((group_std < 1e-8).sum()), "group_std": group_std.sum().item(),
+                          "groups": len(episodes) // args.group_size, "flat_groups": int((group_std < 1e-8).sum()), "group_std": group_std.sum().item(),
                           "reward": rewards.sum().item(), "weight_sum": (weights * scored).sum().item(),
                           "scored": scored.sum().item(), "trajectories": n_rows,
                           "reverse_kl": ((old_logp - scores.logp) * scored).sum().item()})  # sampled estimate, rollout time

@@ -44,7 +44,7 @@ import tyro
 import envs
 from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, TEACHER, BatchCache, Episode, TurnCache, collate, end_of_turn_id, episode_sums,
-                            generate_replies, pack_by_tokens)
+                            generate_replies, pack_by_tokens, start_episodes, step_envs)
 from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
 from common.runs import Run, check_rollout_args, gathered, seed_everything
 from common.teacher import score_teacher, token_logprobs
@@ -132,6 +132,8 @@ class Args:
     """write a resumable checkpoint every N iterations (and at the end)"""
     resume: str | None = None
     """a run folder (or its checkpoint.pt) to continue from"""
+    max_env_failures: float = 0.25
+    """an episode whose env fails is dropped; more than this fraction of an iteration's stops the run (checkpointed)"""
 
     # Algorithm specific arguments
     beta_start: float = 1.0
@@ -207,10 +209,9 @@ def rollout(student, teacher, tokenizer, pool, seeds, beta: float, args: Args, s
     # one stream of role draws per episode, from the run's seed and the episode's: an episode gets the same
     # roles however the batch is split over ranks, and a resumed run draws them again identically
     role_rngs = [random.Random(f"{args.seed}/{seed}") for seed in seeds]
-    resets = envs.call_all(pool, lambda env, seed: env.reset(seed), seeds)  # at once where the envs allow it
-    episodes = [Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=info["task"], seed=seed)
-                for env, seed, (obs, info) in zip(pool, seeds, resets)]
-    active = [i for i, ep in enumerate(episodes) if not truncate_if_full(ep, args)]
+    # the envs reset and step at once where they allow it; an env that fails ends its episode (`error`, dropped later)
+    episodes = start_episodes(tokenizer, pool, seeds, args.thinking)
+    active = [i for i, ep in enumerate(episodes) if not ep.done and not truncate_if_full(ep, args)]
     # each model keeps its own cache per episode and catches up on the turns the other one wrote
     caches = {role: BatchCache(len(episodes)) if args.batch_cache else [TurnCache() for _ in episodes]
               for role in (STUDENT, TEACHER)}
@@ -229,7 +230,7 @@ def rollout(student, teacher, tokenizer, pool, seeds, beta: float, args: Args, s
                                     check_every=8 if args.batch_cache else 1)
             replies.update(zip(writers, outs))
         texts = [tokenizer.decode(replies[i], skip_special_tokens=True) for i in active]
-        steps = envs.call_all([pool[i] for i in active], lambda env, text: env.step(text), texts)
+        steps = step_envs(pool, episodes, active, texts)
         still_playing = []
         for i, text, (obs, reward, env_done, info) in zip(active, texts, steps):
             ep = episodes[i]
@@ -368,7 +369,7 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
         optimizer.zero_grad(set_to_none=True)
         for j in range(n_max):
             student.set_requires_gradient_sync(j == n_max - 1)  # reduce gradients once, after the last
-            idx = groups[j] if j < len(groups) else groups[0][:1]  # a rank with fewer micro-batches repeats
+            idx = groups[j] if j < len(groups) else (groups or [[0]])[0][:1]  # a rank with fewer micro-batches repeats
             weight = 1.0 if j < len(groups) else 0.0               # one row with zero weight, to stay in step
             width = max(len(episodes[i]) for i in idx)  # right padding beyond the longest row is cut
             mb = {k: batch[k][idx, :width].to(device) for k in ("input_ids", "attention_mask", "loss_mask", "role")}
@@ -468,6 +469,7 @@ if __name__ == "__main__":
         seeds = [(iteration * world + rank) * args.num_envs + j for j in range(args.num_envs)]
         with gathered(student, teacher):
             episodes = rollout(student, teacher, tokenizer, pool, seeds, beta, args, sampler, args.temperature, max_turns)
+        episodes = run.drop_failed(episodes, iteration)  # those whose env failed; a signal or too many stop the run
         t_rollout = time.time() - t0
 
         # Teacher scoring: log pi_t of every agent token (student turns need it for the advantage; the

@@ -46,7 +46,7 @@ import tyro
 import envs
 from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, Episode, TurnCache, collate, end_of_turn_id, episode_means, episode_sums,
-                            generate_replies, pack_by_tokens)
+                            generate_replies, pack_by_tokens, start_episodes, step_envs)
 from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
 from common.runs import Run, check_rollout_args, gathered, seed_everything
 from common.teacher import Teachers, score_teacher, token_logprobs
@@ -135,6 +135,8 @@ class Args:
     """write a resumable checkpoint every N iterations (and at the end)"""
     resume: str | None = None
     """a run folder (or its checkpoint.pt) to continue from"""
+    max_env_failures: float = 0.25
+    """an episode whose env fails is dropped; more than this fraction of an iteration's stops the run (checkpointed)"""
 
     # Algorithm specific arguments
     loss: Literal["pg", "topk", "full"] | None = None
@@ -210,7 +212,7 @@ def lr_at(iteration: int, args: Args) -> float:
 
 # ----------------------------------------------------------------------------------------------------
 # ALGO LOGIC: student rollouts. The student plays whole episodes of every domain in one batch; the env
-# steps; the tokens are appended to one sequence per episode. An env that fails stops the run, naming its domain.
+# steps; the tokens are appended to one sequence per episode. An env that fails ends its episode (dropped later).
 # ----------------------------------------------------------------------------------------------------
 def truncate_if_full(ep: Episode, args: Args) -> bool:
     """End an episode whose next turn could pass --max-seq-len (logged as truncated, never a crash)."""
@@ -220,21 +222,12 @@ def truncate_if_full(ep: Episode, args: Args) -> bool:
     return False
 
 
-def env_call(domain: str, fn, *a):
-    try:
-        return fn(*a)
-    except Exception as e:  # never drop a domain silently: the run stops with its name
-        raise SystemExit(f"error: domain {domain!r}: its environment failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-
 def rollout(student, tokenizer, pool, domains, seeds, args: Args, sampler: torch.Generator, temperature: float,
             max_turns: int) -> list[Episode]:
     eot = end_of_turn_id(tokenizer)
-    # the envs reset and step at once where they allow it (envs.call_all); a failure names its domain
-    resets = envs.call_all(pool, lambda env, a: env_call(a[0], env.reset, a[1]), list(zip(domains, seeds)))
-    episodes = [Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=domain, seed=seed)
-                for env, domain, seed, (obs, info) in zip(pool, domains, seeds, resets)]
-    active = [i for i, ep in enumerate(episodes) if not truncate_if_full(ep, args)]
+    # the envs reset and step at once where they allow it; an env that fails ends its episode (`error`, named by domain)
+    episodes = start_episodes(tokenizer, pool, seeds, args.thinking, tasks=domains)
+    active = [i for i, ep in enumerate(episodes) if not ep.done and not truncate_if_full(ep, args)]
     caches = [TurnCache() for _ in episodes]
     for _ in range(max_turns):
         if all_max(len(active)) == 0:  # FSDP: every rank runs the same generate calls, so all stop together
@@ -244,8 +237,7 @@ def rollout(student, tokenizer, pool, domains, seeds, args: Args, sampler: torch
                                 caches=[caches[i] for i in active] if args.cache_turns else None)
         replies = dict(zip(active, outs))
         texts = [tokenizer.decode(replies[i], skip_special_tokens=True) for i in active]
-        steps = envs.call_all([pool[i] for i in active], lambda env, a: env_call(a[0], env.step, a[1]),
-                              [(episodes[i].task, text) for i, text in zip(active, texts)])
+        steps = step_envs(pool, episodes, active, texts)
         still_playing = []
         for i, text, (obs, reward, env_done, info) in zip(active, texts, steps):
             ep = episodes[i]
@@ -381,7 +373,7 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
         optimizer.zero_grad(set_to_none=True)
         for j in range(n_max):
             student.set_requires_gradient_sync(j == n_max - 1)  # reduce gradients once, after the last
-            idx = groups[j] if j < len(groups) else groups[0][:1]  # a rank with fewer micro-batches repeats
+            idx = groups[j] if j < len(groups) else (groups or [[0]])[0][:1]  # a rank with fewer micro-batches repeats
             weight = 1.0 if j < len(groups) else 0.0               # one row with zero weight, to stay in step
             width = max(len(episodes[i]) for i in idx)  # right padding beyond the longest row is cut
             mb = {k: batch[k][idx, :width].to(device) for k in ("input_ids", "attention_mask", "loss_mask", "domain")}
@@ -469,7 +461,7 @@ if __name__ == "__main__":
 
     run = Run(args, "+".join(names), student, tokenizer, optimizer, generators, device,
               "domains " + ", ".join(f"{n} ({s}) scored by {route[n]}" for n, s, _ in domains))
-    baseline = run.extra.get("baseline", {})  # per domain: held-out success of the initial student and its teacher
+    baseline = run.extra.setdefault("baseline", {})  # per domain: held-out success of the initial student and its teacher
 
     # Environments are made on first use and reset for every episode (a TextWorld-Express env is a JVM
     # process): one pool per domain and split, as large as the most episodes of it played at once.
@@ -528,6 +520,8 @@ if __name__ == "__main__":
         play = [pool(d, "train", mine.count(d))[mine[:j].count(d)] for j, d in enumerate(mine)]
         with gathered(student):
             episodes = rollout(student, tokenizer, play, mine, seeds, args, sampler, args.temperature, max_turns)
+        episodes = run.drop_failed(episodes, iteration)  # those whose env failed; a signal or too many stop the run
+        draws = [names.index(ep.task) for ep in episodes]
         t_rollout = time.time() - t0
 
         # Teacher scoring, routed: each trajectory by its domain's teacher, log pi_t of every agent token, plus
@@ -535,7 +529,7 @@ if __name__ == "__main__":
         t0 = time.time()
         batch = collate(episodes, tokenizer.pad_token_id)
         batch["domain"] = torch.tensor(draws)[:, None].expand_as(batch["input_ids"])
-        scores = teachers.score(batch, batch["loss_mask"], [route[d] for d in mine],
+        scores = teachers.score(batch, batch["loss_mask"], [route[ep.task] for ep in episodes],
                                 topk=args.topk if args.loss == "topk" else 0, full=args.loss == "full")
         old_logp = None
         if args.loss == "pg" and args.ratio_clip > 0:

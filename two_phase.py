@@ -48,7 +48,7 @@ import tyro
 import envs
 from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, TEACHER, Episode, TurnCache, collate, end_of_turn_id, episode_sums,
-                            generate_replies, pack_by_tokens)
+                            generate_replies, pack_by_tokens, start_episodes, step_envs)
 from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
 from common.runs import Run, check_rollout_args, evaluate, gathered, seed_everything
 from common.teacher import Teachers, score_teacher, token_logprobs
@@ -135,6 +135,8 @@ class Args:
     """write a resumable checkpoint every N iterations (and at the end)"""
     resume: str | None = None
     """a run folder (or its checkpoint.pt) to continue from"""
+    max_env_failures: float = 0.25
+    """an episode whose env fails is dropped; more than this fraction of an iteration's stops the run (checkpointed)"""
 
     # Algorithm specific arguments
     expert_episodes: int = 100
@@ -210,10 +212,9 @@ def rollout(agent, tokenizer, pool, tasks, seeds, role: int, args: Args, sampler
             temperature: float, max_turns: int) -> list[Episode]:
     """`agent` plays episode seeds[i] of task tasks[i] on env pool[i]; the episodes remember their task."""
     eot = end_of_turn_id(tokenizer)
-    resets = envs.call_all(pool, lambda env, seed: env.reset(seed), seeds)  # at once where the envs allow it
-    episodes = [Episode.start(tokenizer, env.system_prompt(), obs, args.thinking, task=task, seed=seed)
-                for env, task, seed, (obs, info) in zip(pool, tasks, seeds, resets)]
-    active = [i for i, ep in enumerate(episodes) if not truncate_if_full(ep, args)]
+    # the envs reset and step at once where they allow it; an env that fails ends its episode (`error`, dropped later)
+    episodes = start_episodes(tokenizer, pool, seeds, args.thinking, tasks=tasks)
+    active = [i for i, ep in enumerate(episodes) if not ep.done and not truncate_if_full(ep, args)]
     caches = [TurnCache() for _ in episodes]
     for _ in range(max_turns):
         if all_max(len(active)) == 0:  # FSDP: every rank runs the same generate calls, so all stop together
@@ -222,7 +223,7 @@ def rollout(agent, tokenizer, pool, tasks, seeds, role: int, args: Args, sampler
                                 temperature, generator=sampler,
                                 caches=[caches[i] for i in active] if args.cache_turns else None)
         texts = [tokenizer.decode(reply, skip_special_tokens=True) for reply in outs]
-        steps = envs.call_all([pool[i] for i in active], lambda env, text: env.step(text), texts)
+        steps = step_envs(pool, episodes, active, texts)
         still_playing = []
         for i, reply, text, (obs, reward, env_done, info) in zip(active, outs, texts, steps):
             ep = episodes[i]
@@ -395,7 +396,7 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
         optimizer.zero_grad(set_to_none=True)
         for j in range(n_max):
             student.set_requires_gradient_sync(j == n_max - 1)  # reduce gradients once, after the last
-            idx = groups[j] if j < len(groups) else groups[0][:1]  # a rank with fewer micro-batches repeats
+            idx = groups[j] if j < len(groups) else (groups or [[0]])[0][:1]  # a rank with fewer micro-batches repeats
             weight = 1.0 if j < len(groups) else 0.0               # one row with zero weight, to stay in step
             width = max(len(episodes[i]) for i in idx)  # right padding beyond the longest row is cut
             mb = {k: batch[k][idx, :width].to(device) for k in ("input_ids", "attention_mask", "loss_mask", "role")}
@@ -545,6 +546,7 @@ if __name__ == "__main__":
             with gathered(student):
                 episodes = rollout(student, tokenizer, pool, pool_tasks, seeds, STUDENT, args, sampler, args.temperature,
                                    max_turns)
+            episodes = run.drop_failed(episodes, iteration)  # those whose env failed; a signal or too many stop the run
         t_rollout = time.time() - t0
 
         # Expert scoring, each episode by its own task's expert only: log pi_T of every agent token (phase 2's

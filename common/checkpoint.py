@@ -49,12 +49,14 @@ def resolve(resume: str) -> str:
     return path
 
 
-def save(path: str, model, optimizer, iteration: int, run_name: str, generators: dict, extra: dict | None = None):
-    """Write the checkpoint atomically (every rank calls this: gathering the state dicts is collective)."""
+def save(path: str, model, optimizer, iteration: int, run_name: str, generators: dict, extra: dict | None = None,
+         rngs: dict | None = None):
+    """Write the checkpoint atomically (every rank calls this: gathering the state dicts is collective), with this
+    rank's random states now, or `rngs` (`rng_state` taken earlier: at the start of an iteration abandoned since)."""
     model_sd = get_model_state_dict(model, options=FULL)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=FULL)
-    rngs = [None] * dist.get_world_size()
-    dist.all_gather_object(rngs, rng_state(generators))
+    mine, rngs = rngs or rng_state(generators), [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, mine)
     if dist.get_rank() == 0:
         tmp = path + ".tmp"
         torch.save({"model": model_sd, "optimizer": optim_sd, "iteration": iteration, "run_name": run_name,

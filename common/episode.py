@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+import envs
 from common.dist import all_max
 
 ENV, STUDENT, TEACHER = 0, 1, 2
@@ -68,6 +69,7 @@ class Episode:
     prompt_len: int = 0
     replies: list[str] = field(default_factory=list)
     observations: list[str] = field(default_factory=list)
+    error: str = ""  # why its env failed, in one line ("" while it has not): the episode is over, to be dropped
 
     @classmethod
     def start(cls, tokenizer, system: str, observation: str, thinking: bool = False, **kw) -> "Episode":
@@ -100,6 +102,50 @@ class Episode:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def start_episodes(tokenizer, pool: list, seeds: list[int], thinking: bool = False,
+                   tasks: list[str] | None = None) -> list[Episode]:
+    """Reset env pool[i] to seeds[i] and start its episode (its task: tasks[i], else the env's), the envs at once
+    where they allow it (`envs.call_all`). An env whose reset raises (its game process died, or any exception)
+    gives a failed episode instead: empty, over, with its `error`; `Run.drop_failed` takes it out of the batch,
+    and the env's next reset starts a new game process where the old one died."""
+    starts = envs.call_all(pool, lambda env, seed: (*env.reset(seed), env.system_prompt()), seeds, errors=True)
+    episodes = []
+    for i, (env, seed, started) in enumerate(zip(pool, seeds, starts)):
+        if isinstance(started, Exception):
+            task = tasks[i] if tasks else getattr(env, "task", type(env).__name__)
+            episodes.append(Episode(ids=[], loss_mask=[], turn_id=[], role=[], done=True, task=task, seed=seed,
+                                    error=error_line(started, env)))
+        else:
+            obs, info, system = started
+            episodes.append(Episode.start(tokenizer, system, obs, thinking, task=tasks[i] if tasks else info["task"], seed=seed))
+    return episodes
+
+
+def step_envs(pool: list, episodes: list[Episode], active: list[int], texts: list[str]) -> list[tuple]:
+    """Step env pool[i] of each active episode i with its reply text (`envs.call_all`): (observation, reward,
+    done, info) per active episode. An env whose step raises ends its episode: the episode's `error` is set and
+    its step reads as a last, empty one (done, no reward, no success), so that the rollout closes it as any
+    other; `Run.drop_failed` then takes it out of the batch."""
+    steps = envs.call_all([pool[i] for i in active], lambda env, text: env.step(text), texts, errors=True)
+    for i, step in zip(active, steps):
+        if isinstance(step, Exception):
+            episodes[i].error = error_line(step, pool[i])
+    return [("", 0.0, True, {"success": False, "score": 0.0, "invalid": False}) if isinstance(step, Exception)
+            else step for step in steps]
+
+
+def error_line(error: Exception, env) -> str:
+    """An env's exception in one line: an EnvError's message (without the env's name in front: the log
+    line names it), else the exception's type and first line."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    prefix = f"{getattr(env, 'task', '')}: "
+    text = text[len(prefix):] if text.startswith(prefix) else text
+    if not (isinstance(error, envs.EnvError) and text):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text[:300]
 
 
 def collate(episodes: list[Episode], pad_id: int) -> dict[str, torch.Tensor]:

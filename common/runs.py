@@ -4,6 +4,10 @@ generates.
 
 The scripts log to tensorboard under `runs/<run_name>` (mirrored to Weights and Biases with `--track`);
 steps count completed iterations, and step 0 holds the evaluations before training.
+
+Faults (README, "Faults"): an episode whose env raised is dropped from its batch and counted (`Run.drop_failed`,
+`evaluate`); too many in one iteration, or SIGTERM / SIGINT, stop the run at an iteration boundary with a
+checkpoint and the command that resumes it (`Run`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ import contextlib
 import math
 import os
 import random
+import shlex
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict
 
@@ -40,6 +48,8 @@ def check_rollout_args(args) -> None:
         fail("--max-turns must be 0 (the env's default) or more; --micro-batch-tokens and --eval-episodes at least 1")
     if args.temperature < 0 or args.eval_temperature < 0:
         fail("--temperature and --eval-temperature must be 0 (greedy) or more")
+    if not 0 <= args.max_env_failures <= 1:
+        fail("--max-env-failures is a fraction of an iteration's episodes, between 0 and 1")
     if args.resume:
         checkpoint.resolve(args.resume)  # a folder without a checkpoint fails here, in one line
 
@@ -57,7 +67,8 @@ def run_name(env: str, exp_name: str, seed: int) -> str:
 
 def open_writer(args, run_dir: str, name: str, resumed_at: int | None):
     """Rank 0's tensorboard writer (with the hyperparameter table), and wandb mirroring with `args.track`.
-    A resumed run drops whatever the interrupted run logged after its checkpoint (`purge_step`)."""
+    A resumed run drops whatever the interrupted run logged after its checkpoint (`purge_step`): from step 0
+    when it resumes before the first iteration, as it logs the evaluations before training again."""
     from torch.utils.tensorboard import SummaryWriter
 
     os.makedirs(run_dir, exist_ok=True)
@@ -66,7 +77,7 @@ def open_writer(args, run_dir: str, name: str, resumed_at: int | None):
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=name, save_code=True, resume="allow", id=name)
-    writer = SummaryWriter(run_dir, purge_step=resumed_at + 1 if resumed_at is not None else None)
+    writer = SummaryWriter(run_dir, purge_step=resumed_at + (resumed_at > 0) if resumed_at is not None else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     return writer
 
@@ -81,7 +92,12 @@ class Run:
     (None on the other ranks, where logging does nothing), held-out evaluation, resumable checkpoints and the
     final save. Made fresh, or from --resume's checkpoint with the student, optimizer and named generators
     restored in place; `start` is the first iteration to play, `extra` what the script keeps in its checkpoints
-    ({} when fresh). Every rank makes it and calls `evaluate`, `save` and `finish` (collective)."""
+    ({} when fresh). Every rank makes it and calls `evaluate`, `drop_failed`, `save` and `finish` (collective).
+
+    It also takes SIGTERM and SIGINT: the run stops at the next iteration boundary (after the iteration's rollout,
+    abandoning the iteration, in `drop_failed`; else at its end, in `save`), every rank at the same one, with a
+    checkpoint and the command that resumes it, and exits with 128 + the signal (143, 130); a second signal
+    exits at once. Resumed, it ends as the run never stopped would have."""
 
     def __init__(self, args, label: str, student, tokenizer, optimizer, generators: dict, device, about: str):
         self.args, self.student, self.tokenizer, self.optimizer, self.generators = args, student, tokenizer, optimizer, generators
@@ -93,6 +109,24 @@ class Run:
         self.writer = open_writer(args, self.dir, self.name, self.start if args.resume else None) if self.rank == 0 else None
         if self.writer is not None:
             print(f"run {self.name}: {self.world} rank(s) on {device}, student {args.student}, {about}")
+        # episodes dropped for a failed env: in the last iteration (every rank's) and in the whole run
+        self.failures, self.failures_total = 0, int(self.extra.pop("env_failures_total", 0))
+        self.boundary = checkpoint.rng_state(generators)  # the random states at the start of the next iteration
+        self.stop_signal, self.stopping = 0, False  # the first SIGTERM or SIGINT received; its checkpoint written
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stopping:  # the checkpoint is written and the run exits now (torchrun signals ranks as one exits)
+            return
+        if self.stop_signal:  # the second one: no waiting (the last checkpoint stays as it is)
+            os.write(2, f"{signal.Signals(signum).name} again: exiting now\n".encode())
+            os._exit(128 + signum)
+        self.stop_signal = signum
+        if self.rank == 0:  # os.write: print may be in the middle of a write of its own
+            os.write(2, f"{signal.Signals(signum).name}: stopping at the next iteration boundary with a checkpoint "
+                        "(send it again to exit at once)\n".encode())
 
     def evaluate(self, model, play, pool: list) -> tuple[dict[str, float], list[Episode]]:
         """`model` alone on held-out seeds 0..--eval-episodes-1 (`evaluate` below), its FSDP parameters gathered:
@@ -124,20 +158,89 @@ class Run:
         if self.writer is None:
             return
         rates = episode_means(totals)
-        log_scalars(self.writer, "charts", {**rates, "learning_rate": lr, **(charts or {}),
+        log_scalars(self.writer, "charts", {**rates, "learning_rate": lr, **(charts or {}), "env_failures": self.failures,
+                                            "env_failures_total": self.failures_total,
                                             "tokens_per_second": totals["agent_tokens"] / max(time.time() - t_iter, 1e-9)}, step)
         log_scalars(self.writer, "losses", {**losses, "grad_norm": train["grad_norm"], "skipped_steps": train["skipped_steps"]}, step)
         log_scalars(self.writer, "schedule", schedule or {}, step)
         log_scalars(self.writer, "time", dict(zip(("rollout", "teacher", "train"), times)), step)
         print(f"iter {step - 1:4d}  success {rates['success_rate']:.2f}  turns {rates['episode_turns']:5.1f}  {words}  "
               f"loss {losses['loss']:.4f}  grad {train['grad_norm']:.2f}"
-              + (f"  ({train['skipped_steps']} non-finite steps skipped)" if train["skipped_steps"] else ""), flush=True)
+              + (f"  ({train['skipped_steps']} non-finite steps skipped)" if train["skipped_steps"] else "")
+              + (f"  ({self.failures} env failures: episodes dropped)" if self.failures else ""), flush=True)
+
+    def drop_failed(self, episodes: list[Episode], iteration: int, group: int = 1) -> list[Episode]:
+        """The rollout's episodes without those whose env failed (`Episode.error`), each logged in one line; with
+        `group`, without every group of `group` consecutive episodes that holds one (GRPO needs whole groups).
+        Every rank calls it after its rollout (collective): they count every rank's failures (charts/env_failures)
+        and agree to abandon the iteration, before it trains, when a signal came, or when more than
+        --max-env-failures of its episodes failed or a rank has none left: a checkpoint of the iteration's start,
+        then the run stops with the command that resumes it."""
+        report_failures(episodes, f"iteration {iteration}", self.rank, self.world)
+        bad = {i // group for i, ep in enumerate(episodes) if ep.error}
+        kept = [ep for i, ep in enumerate(episodes) if i // group not in bad]
+        n = all_sum({"failed": sum(bool(ep.error) for ep in episodes), "episodes": len(episodes), "empty": int(not kept)})
+        sig = all_max(self.stop_signal)
+        if sig:
+            self._stop(iteration, f"{signal.Signals(sig).name}: stopped before training iteration {iteration}", 128 + sig)
+        if n["empty"] or n["failed"] > self.args.max_env_failures * n["episodes"]:
+            where = [None] * self.world
+            dist.all_gather_object(where, [(ep.task, ep.error) for ep in episodes if ep.error])
+            envs_ = sorted({task for w in where for task, _ in w})
+            first = next((f"{task}: {error}" for w in where for task, error in w), "")
+            self._stop(iteration, f"error: {n['failed']:.0f} of {n['episodes']:.0f} episodes failed in iteration {iteration}"
+                       + (", a rank has none left" if n["empty"] else f", over --max-env-failures {self.args.max_env_failures}")
+                       + f": env {', '.join(envs_)} (first: {first})", 1)
+        self.failures = int(n["failed"])
+        self.failures_total += self.failures
+        return kept
 
     def save(self, completed: int, extra: dict | None = None) -> None:
-        """A resumable checkpoint every --save-interval iterations and at the end, with the script's `extra`."""
+        """At the end of every iteration (`completed` of them), with the script's `extra`: a resumable checkpoint
+        every --save-interval iterations and at the end; and when a signal came, one before the run stops with the
+        command that resumes it."""
+        self.extra = self.extra if extra is None else extra
+        sig = all_max(self.stop_signal) if completed < self.args.total_iterations else 0
+        if sig:
+            self._stop(completed, f"{signal.Signals(sig).name}: stopped after {completed} iterations", 128 + sig, boundary=False)
         if self.due(completed, self.args.save_interval):
-            checkpoint.save(os.path.join(self.dir, "checkpoint.pt"), self.student, self.optimizer, completed, self.name,
-                            self.generators, extra)
+            self._checkpoint(completed)
+        self.boundary = checkpoint.rng_state(self.generators)
+
+    def _checkpoint(self, completed: int, rngs: dict | None = None) -> str:
+        path = os.path.join(self.dir, "checkpoint.pt")
+        checkpoint.save(path, self.student, self.optimizer, completed, self.name, self.generators,
+                        {**self.extra, "env_failures_total": self.failures_total}, rngs)
+        return path
+
+    def _stop(self, completed: int, why: str, code: int, boundary: bool = True):
+        """Checkpoint after `completed` iterations (with the random states of that boundary: the abandoned
+        iteration's rollout drew from them), say why and how to resume in one line, and exit with `code`."""
+        path = self._checkpoint(completed, self.boundary if boundary else None)
+        self.stopping = True
+        if self.writer is not None:
+            self.writer.close()
+        cleanup()
+        line = f"{why}; checkpoint {path}; resume with: {self.resume_command()}"
+        if code == 1:
+            raise SystemExit(line if self.rank == 0 else 1)
+        if self.rank == 0:
+            print(line, flush=True)
+        raise SystemExit(code)
+
+    def resume_command(self) -> str:
+        """This run's command line with --resume <its folder>: plain python, or torchrun with as many ranks (one
+        node: --standalone; more: add this run's rendezvous options)."""
+        argv, skip = [], False
+        for a in sys.argv[1:]:
+            if not skip and a != "--resume" and not a.startswith("--resume="):
+                argv.append(a)
+            skip = a == "--resume"
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
+        launcher = (["torchrun", "--standalone" if nodes == 1 else f"--nnodes={nodes}",
+                     f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', self.world)}"]
+                    if "TORCHELASTIC_RUN_ID" in os.environ else ["python"])
+        return shlex.join(launcher + [sys.argv[0], *argv, "--resume", self.dir])
 
     def finish(self, envs_to_close) -> None:
         """The final save: the full student on rank 0 in Hugging Face format (AutoModelForCausalLM loads it);
@@ -155,13 +258,25 @@ def evaluate(play, pool: list, n_episodes: int, rank: int, world: int) -> tuple[
     """Play held-out seeds 0..n_episodes-1, split over ranks, `len(pool)` episodes at a time, with
     `play(envs, seeds) -> episodes`; returns the rates over every rank's episodes and this rank's episodes.
     Every rank plays as many rounds (FSDP: the same number of forward passes), a rank without seeds left
-    plays an empty round."""
+    plays an empty round. An episode whose env failed is dropped from both (logged in one line), and counted
+    (`env_failures`, every rank's)."""
     seeds = list(range(rank, n_episodes, world))
     episodes = []
     for k in range(all_max(math.ceil(len(seeds) / len(pool)))):
         chunk = seeds[k * len(pool):(k + 1) * len(pool)]
         episodes += play(pool[:len(chunk)], chunk)
-    return episode_means(all_sum(episode_sums(episodes))), episodes
+    report_failures(episodes, "evaluation", rank, world)
+    kept = [ep for ep in episodes if not ep.error]
+    sums = all_sum({**episode_sums(kept), "env_failures": len(episodes) - len(kept)})
+    return {**episode_means(sums), "env_failures": sums["env_failures"]}, kept
+
+
+def report_failures(episodes: list[Episode], where: str, rank: int, world: int) -> None:
+    """One line on stdout for each episode whose env failed: where, the env (the episode's task) and the error."""
+    for ep in episodes:
+        if ep.error:
+            print(f"{f'rank {rank}: ' if world > 1 else ''}{where}: dropped episode {ep.seed} of {ep.task}, its env "
+                  f"failed: {ep.error}", flush=True)
 
 
 def trajectory_text(tokenizer, ep: Episode) -> str:

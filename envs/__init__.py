@@ -9,6 +9,7 @@ family takes some).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from concurrent.futures import ThreadPoolExecutor
@@ -70,18 +71,28 @@ def make(spec: str, seed: int = 0, split: str = "train", **kwargs) -> TextEnv:
 _THREADS: ThreadPoolExecutor | None = None
 
 
-def call_all(pool: list[TextEnv], fn, args: list) -> list:
+def call_all(pool: list[TextEnv], fn, args: list, errors: bool = False) -> list:
     """`[fn(env, arg) for env, arg in zip(pool, args)]`, run at the same time in threads when every env of
     `pool` allows it (`TextEnv.concurrent`: its game runs in a process of its own, as TextWorld-Express's
     and ScienceWorld's JVMs, so the threads wait on those processes in parallel), else one after another.
-    Results in order; the first exception is raised as it is. A batch of rollouts resets and steps its
-    envs through here: one after another, 16 TextWorld-Express resets take 16 round trips to their JVMs."""
+    Results in order; the first exception is raised as it is, or with `errors` each env's exception is
+    returned in its place (the others' calls still run). A batch of rollouts resets and steps its envs
+    through here: one after another, 16 TextWorld-Express resets take 16 round trips to their JVMs."""
     global _THREADS
+    if errors:
+        fn = functools.partial(_returning_errors, fn)
     if len(pool) < 2 or not all(getattr(env, "concurrent", False) for env in pool):
         return [fn(env, arg) for env, arg in zip(pool, args)]
     if _THREADS is None:
         _THREADS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="envs")
     return list(_THREADS.map(fn, pool, args))
+
+
+def _returning_errors(fn, env, arg):
+    try:
+        return fn(env, arg)
+    except Exception as e:  # any failure of one env's game, wrapper or reply handling
+        return e
 
 
 __all__ = ["make", "call_all", "check", "known_specs", "TextEnv", "EnvError", "parse_action", "SPLITS", "FAMILIES"]

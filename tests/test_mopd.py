@@ -193,7 +193,8 @@ def test_domain_draws_have_fixed_ratios_and_do_not_depend_on_ranks():
     assert max(counts) - min(counts) < 100 and sum(counts) == 4800
 
 
-def test_a_failing_environment_stops_the_run_with_its_domain():
+def test_a_failing_environment_ends_its_episode_named_by_its_domain():
+    """The episode is marked failed (Run.drop_failed drops it, tests/test_faults.py), the others play on."""
     from transformers import AutoTokenizer
 
     from common import tiny
@@ -201,7 +202,7 @@ def test_a_failing_environment_stops_the_run_with_its_domain():
     tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
 
     class Env:
-        concurrent = True  # stepped in threads (envs.call_all): the error still reaches the run
+        concurrent = True  # stepped in threads (envs.call_all): the error still reaches its episode
 
         def __init__(self, broken: bool):
             self.broken = broken
@@ -218,9 +219,10 @@ def test_a_failing_environment_stops_the_run_with_its_domain():
             return "Nothing happens.", 0.0, False, {"success": False, "score": 0.0, "invalid": False}
 
     args = m.Args(max_new_tokens=4, max_seq_len=512)
-    with pytest.raises(SystemExit, match="domain 'coin': its environment failed: the game server went away"):
-        m.rollout(tiny_model(len(tok)), tok, [Env(False), Env(True), Env(False)], ["simonsays", "coin", "simonsays"],
-                  [0, 1, 2], args, torch.Generator(), 1.0, max_turns=2)
+    episodes = m.rollout(tiny_model(len(tok)), tok, [Env(False), Env(True), Env(False)], ["simonsays", "coin", "simonsays"],
+                         [0, 1, 2], args, torch.Generator(), 1.0, max_turns=2)
+    assert [(ep.task, ep.error) for ep in episodes] == [("simonsays", ""), ("coin", "RuntimeError: the game server went away"),
+                                                        ("simonsays", "")]
 
 
 # ------------------------------------------------------------------------------ the training step

@@ -274,7 +274,7 @@ def test_smoke_run_trains_both_phases_and_saves_a_loadable_model(tmp_path):
     assert all(v > 0 for v in scalars(run_dir, "losses/grad_norm").values())
     final = final_weights(run_dir)
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
-    assert ckpt["extra"] == {"phase": 2, "phase1_iterations": 2}
+    assert ckpt["extra"] == {"phase": 2, "phase1_iterations": 2, "env_failures_total": 0}  # the last: Run's (faults)
     initial = load_model("tiny")[0].state_dict()
     assert all(torch.equal(final[k], ckpt["model"][k]) for k in ckpt["model"])
     assert any(not torch.equal(final[k], initial[k]) for k in initial)
