@@ -671,6 +671,11 @@ def _tokenizer(r: Recipe, log):
     return AutoTokenizer.from_pretrained(path)
 
 
+def _student_name(r: Recipe, variant: str = "") -> str:
+    """The name that selects a suite's student (`tiny`, `tiny-novice:gem`, ...): `model_path` builds it if missing."""
+    return "tiny" + (f"-{variant}" if variant else "") + ("" if r.suite == "twx" else f":{r.suite}")
+
+
 def _build_expert(r: Recipe, k: int, tokenizer, log) -> None:
     """Supervised training on the oracle's successful episodes, keeping the weights that do best on the
     validation seeds, retrained from another initialisation while validation stays below the target
@@ -686,7 +691,7 @@ def _build_expert(r: Recipe, k: int, tokenizer, log) -> None:
         if init == "student":
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(model_path("tiny" + ("" if r.suite == "twx" else f":{r.suite}")))
+            model = AutoModelForCausalLM.from_pretrained(model_path(_student_name(r)))
         else:
             model = new_model(r.expert, len(tokenizer), r.seed + 1 + k + 1000 * attempt)
         _, val = train_sft(model, episodes, steps, lr, r, tokenizer.pad_token_id, f"expert {game} (attempt {attempt + 1})",
@@ -712,7 +717,7 @@ def _build_able_student(r: Recipe, tokenizer, log) -> None:
     from transformers import AutoModelForCausalLM
 
     t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(model_path("tiny-novice" + ("" if r.suite == "twx" else f":{r.suite}")))
+    model = AutoModelForCausalLM.from_pretrained(model_path(_student_name(r, "novice")))
     episodes, specs = {}, {}
     for game, spec, _, _ in r.games:
         trajs = play(spec, range(r.able_episodes), "oracle", r.max_turns, random.Random(r.seed + 200))
