@@ -26,7 +26,7 @@ Groups are never split across ranks: each rank plays whole groups, so advantages
 mini-batch without any signal (every advantage and KL weight 0: GRPO on groups of equal rewards) takes no step.
 Arguments left at None are "auto" (the TINY and REAL tables below the Args).
 
-    python atod.py                                    # tiny default: coin, an imperfect teacher (0.66)
+    python atod.py                                    # tiny default: coin, an imperfect teacher (0.79)
     python atod.py --mode opd                         # OPD only; --mode grpo: GRPO only
     torchrun --nproc_per_node 8 atod.py --student qwen3-1.7b --teacher <your GRPO-trained qwen3-4b> \\
         --env alfworld --max-turns 50 --total-iterations 150

@@ -159,14 +159,14 @@ class Recipe:
         return self.key("expert", "expert_episodes", "batch_tokens", "max_turns", "eval_episodes", "eval_batch",
                         "val_episodes", "val_split", "val_first_seed", "val_every", "expert_target",
                         *(("expert_attempts",) if k < len(self.games) else ()),
-                        game=recipe[0], index=k, **({"init": recipe[1]} if recipe[1] else {}))
+                        game=recipe[0], index=k, threads=BUILD_THREADS, **({"init": recipe[1]} if recipe[1] else {}))
 
     def student_key(self, variant: str = "") -> str:
         if not variant:  # the able student: the novice's key and the supervised steps that make it able
             return self.key("able_episodes", "able_steps", "able_lr", "able_target", "able_val_every",
                             "able_val_episodes", "val_split", "val_first_seed", novice=self.student_key("novice"))
         return self.key("student_episodes", "student_steps", "lr", "batch_tokens", "max_turns", "tokenizer_episodes",
-                        "eval_episodes", "eval_batch", shape=dataclasses.asdict(self.student_shape(variant)),
+                        "eval_episodes", "eval_batch", shape=dataclasses.asdict(self.student_shape(variant)), threads=BUILD_THREADS,
                         specs=[g[1] for g in self.games])
 
     def student_shape(self, variant: str = "") -> ModelShape:
@@ -290,25 +290,41 @@ def student_for(env_spec: str, variant: str = "") -> str:
     return name if suite in (None, "twx") else f"{name}:{suite}"
 
 
-def model_path(name: str) -> str:
-    """Local folder of `tiny[-<variant>][:<suite>]` (a student), `tiny-expert:<game>` or `tokenizer[:<suite>]`.
-    Builds what is missing of it on first use: the tokenizer, and that one model (not the whole suite)."""
+def _target(name: str) -> tuple[Recipe, str]:
+    """(recipe, artefact) of `tiny[-<variant>][:<suite>]`, `tiny-expert:<game>` or `tokenizer[:<suite>]`."""
     kind, _, arg = name.partition(":")
     experts = {e[0]: suite for suite in SUITES for e in recipe(suite).experts()}
     if kind == "tiny-expert":
         if arg not in experts:
             raise ValueError(f"no tiny expert for game {arg!r}; the tiny experts are: {', '.join(experts)}")
-        r, what = recipe(experts[arg]), f"expert-{arg}"
-    elif kind == "tokenizer" or kind == "tiny" or kind.startswith("tiny-"):
+        return recipe(experts[arg]), f"expert-{arg}"
+    if kind == "tokenizer" or kind == "tiny" or kind.startswith("tiny-"):
         r = recipe(arg or "twx")
-        what = "tokenizer" if kind == "tokenizer" else "student" + kind[len("tiny"):]
-        if what != "tokenizer":
-            r.student_shape(kind[len("tiny-"):] if kind.startswith("tiny-") else "")  # an unknown variant fails here
-    else:
-        raise ValueError(f"unknown tiny model {name!r}; use tiny[-<variant>][:<{'|'.join(SUITES)}>] or "
-                         f"tiny-expert:<{'|'.join(experts)}>")
+        if kind == "tokenizer":
+            return r, "tokenizer"
+        r.student_shape(kind[len("tiny-"):] if kind.startswith("tiny-") else "")  # an unknown variant fails here
+        return r, "student" + kind[len("tiny"):]
+    raise ValueError(f"unknown tiny model {name!r}; use tiny[-<variant>][:<{'|'.join(SUITES)}>] or "
+                     f"tiny-expert:<{'|'.join(experts)}>")
+
+
+def model_path(name: str) -> str:
+    """Local folder of `tiny[-<variant>][:<suite>]` (a student), `tiny-expert:<game>` or `tokenizer[:<suite>]`.
+    Builds what is missing of it on first use: the tokenizer, and that one model (not the whole suite)."""
+    r, what = _target(name)
     build(r, only=[what], table=False)
     return artefact_dir(r, what)
+
+
+def prepare(names: list[str]) -> None:
+    """Build what is missing of these tiny models at once (a run's student and teachers): independent models
+    build side by side in worker processes, one per core, instead of one after the other on first use."""
+    by_suite: dict[str, tuple[Recipe, list[str]]] = {}
+    for name in names:
+        r, what = _target(name)
+        by_suite.setdefault(r.suite, (r, []))[1].append(what)
+    for r, whats in by_suite.values():
+        build(r, only=list(dict.fromkeys(whats)), table=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -507,7 +523,7 @@ def train_able(model, episodes: dict[str, list[Episode]], validate, r: Recipe, p
     batches = {g: batches_by_tokens(eps, r.batch_tokens, rng) for g, eps in episodes.items()}
     active, reached, trained = list(episodes), {}, dict.fromkeys(episodes, 0)
     model.train()
-    bar = tqdm(range(r.able_steps), desc="able student", file=sys.stderr, leave=False, mininterval=2.0)
+    bar = tqdm(range(r.able_steps), desc="able student", file=sys.stderr, leave=False, mininterval=2.0, disable=_QUIET_BARS)
     for step in bar:
         game = active[step % len(active)]
         loss = _sft_step(model, opt, next(batches[game]), pad_id)
@@ -547,7 +563,7 @@ def train_sft(model, episodes: list[Episode], steps: int, lr: float, r: Recipe, 
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     model.train()
     it = batches_by_tokens(episodes, r.batch_tokens, rng)
-    bar = tqdm(range(steps), desc=desc, file=sys.stderr, leave=False, mininterval=2.0)
+    bar = tqdm(range(steps), desc=desc, file=sys.stderr, leave=False, mininterval=2.0, disable=_QUIET_BARS)
     best = None  # (validation success, step, weights)
     perfect = 0  # perfect validations in a row
     for step in bar:
@@ -779,31 +795,78 @@ def artefacts(r: Recipe, more: bool = False) -> list[str]:
             + ["student"] + [f"student-{v}" for v, _ in r.student_variants])
 
 
+# The weights of a model depend on the number of threads that trained it (float sums in another order, and a
+# skill that arrives as a jump lands at another step): the build uses one thread, so that every machine with
+# the same torch gets the same models; independent models build in parallel processes instead.
+BUILD_THREADS = 1
+_QUIET_BARS = False  # set in build workers: bars of two processes on one terminal overwrite each other
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _built(r: Recipe, what: str) -> bool:
+    return os.path.exists(os.path.join(artefact_dir(r, what), "config.json"))
+
+
+def _build_worker(r: Recipe, what: str, verbose: bool) -> None:
+    """One artefact, in a worker process of `build`."""
+    global _QUIET_BARS
+    _QUIET_BARS = True
+    build(r, verbose=verbose, only=[what], table=False, jobs=1)
+
+
+def _build_order(r: Recipe, what: str) -> int:
+    """Longest chains first: the able student (novice, then supervised steps), experts from scratch, then what
+    starts from the student (a same-origin expert waits for it)."""
+    if what.startswith("expert-"):
+        init = next(e[4] for e in r.experts() if f"expert-{e[0]}" == what)
+        return 2 if init == "student" else 1
+    return 0
+
+
 def build(r: Recipe | None = None, verbose: bool = True, only: list[str] | None = None, table: bool = True,
-          more: bool = False) -> dict:
+          more: bool = False, jobs: int | None = None) -> dict:
     """Build what is missing of the recipe's tokenizer and models (all of `artefacts(r, more)`, or those named
-    in `only`); with `table`, return their held-out success: {game: {"teacher": ..., "student": ...,
-    "student-<variant>": ...}}."""
+    in `only`), the models side by side in up to `jobs` processes (default: one per core); with `table`, return
+    their held-out success: {game: {"teacher": ..., "student": ..., "student-<variant>": ...}}."""
     r = r or recipe()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     log = _log(verbose)
     wanted = artefacts(r, more) if only is None else [w for w in only if w != "tokenizer"]
     unknown = set(wanted) - set(artefacts(r, more=True))
     if unknown:
         raise ValueError(f"the tiny suite {r.suite!r} builds no {sorted(unknown)}; it builds {artefacts(r, True)}")
     tokenizer = _tokenizer(r, log)
-    for what in wanted:
-        with _lock(artefact_dir(r, what)):
-            if os.path.exists(os.path.join(artefact_dir(r, what), "config.json")):
-                continue
-            if what.startswith("expert-"):
-                _build_expert(r, next(k for k, e in enumerate(r.experts()) if f"expert-{e[0]}" == what), tokenizer, log)
-            else:
-                _build_student(r, what[len("student-"):] if what.startswith("student-") else "", tokenizer, log)
-    rows = {}
-    for what in wanted if table else ():
-        for game, ev in _heldout(r, what, tokenizer).items():
-            rows.setdefault(game, {})["teacher" if what.startswith("expert-") else what] = ev
+    missing = sorted((w for w in wanted if not _built(r, w)), key=lambda w: _build_order(r, w))
+    jobs = min(len(missing), jobs or os.cpu_count() or 1)
+    if jobs > 1:  # each worker builds one model with one thread (and waits on the lock of one it needs)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        log(f"[tiny] building {', '.join(missing)} in {jobs} processes")
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for done in [pool.submit(_build_worker, r, what, verbose) for what in missing]:
+                done.result()
+    with _threads(BUILD_THREADS):
+        for what in wanted:
+            with _lock(artefact_dir(r, what)):
+                if _built(r, what):
+                    continue
+                if what.startswith("expert-"):
+                    _build_expert(r, next(k for k, e in enumerate(r.experts()) if f"expert-{e[0]}" == what), tokenizer, log)
+                else:
+                    _build_student(r, what[len("student-"):] if what.startswith("student-") else "", tokenizer, log)
+        rows = {}
+        for what in wanted if table else ():
+            for game, ev in _heldout(r, what, tokenizer).items():
+                rows.setdefault(game, {})["teacher" if what.startswith("expert-") else what] = ev
     return rows
 
 

@@ -162,3 +162,22 @@ def test_report_numbers(tmp_path):
     assert f"- off-policy on the pooled teachers' data, seed 2 (exit 1): log `{jobs[3].log}`" in md
     assert groups["off-policy on the pooled teachers' data"] == [pytest.approx({0: 0.0, 5: 0.25, 10: 0.5})]
     assert reproduce.svg(groups, paper.title, paper.tag).count("<polyline") == 2
+
+
+def test_profile_iteration_splits_a_run_into_its_parts(tmp_path):
+    """benchmark/profile_iteration.py times a script's parts: every timer is on a function the scripts call
+    (a renamed one would leave its part out of the table), and the parts add up to the run's wall time."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "profile_iteration.py"), "atod.py",
+                        "--iterations", "2", "--", "--eval-interval", "2", "--eval-episodes", "4", "--num-envs", "4",
+                        "--group-size", "2", "--num-minibatches", "2"],
+                       cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = table_rows(p.stdout[p.stdout.index("| part |"):])
+    for part in ("setup: models built or loaded, sharded", "rollout: env reset and step", "rollout: turn generation",
+                 "scoring: teacher and rollout-time student", "training: forward (the loss)", "training: backward",
+                 "training: gradient clipping", "training: optimizer step", "evaluation (held-out episodes, teacher alone)",
+                 "logging (tensorboard, stdout)", "checkpoints and the final save"):
+        assert part in rows and int(rows[part][3]) > 0, (part, rows)
+    assert int(rows["training: optimizer step"][3]) == 2 * 2  # 2 iterations x 2 mini-batches
+    total = float(p.stdout.split(" s in all")[0].rsplit(", ", 1)[-1])
+    assert abs(sum(float(r[0]) for r in rows.values()) - total) < 0.1 * len(rows)

@@ -72,7 +72,7 @@ import dataclasses, hashlib, sys
 from common import tiny
 r = dataclasses.replace(tiny.SMOKE, games=(("simonsays", "twx:simonsays", 20, 5e-3),), student_steps=5, able_steps=5,
                         able_val_every=2)
-tiny.build(r, verbose=False)
+tiny.build(r, verbose=False, jobs=int(sys.argv[1]))
 h = hashlib.sha1()
 for what in ("tokenizer", "expert-simonsays", "student-novice", "student"):
     folder = tiny.artefact_dir(r, what)
@@ -85,16 +85,58 @@ print(h.hexdigest())
 """
 
 
-def test_build_is_deterministic_across_processes(tmp_path):
-    """Two processes with different hash seeds (Python's set and dict orders) build the same bytes."""
+def test_build_is_deterministic_across_processes_threads_and_workers(tmp_path):
+    """Two processes with different hash seeds (Python's set and dict orders), thread counts (the build trains
+    with one thread whatever the machine has) and build workers (one model after the other, or side by side in
+    two processes) build the same bytes."""
     digests = []
-    for k, hashseed in enumerate(("1", "12345")):
+    for k, (hashseed, threads, jobs) in enumerate((("1", "1", "1"), ("12345", "2", "2"))):
         env = dict(os.environ, AGENT_DISTILL_CACHE=str(tmp_path / str(k)), PYTHONHASHSEED=hashseed,
-                   PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-        out = subprocess.run([sys.executable, "-c", _BUILD], env=env, capture_output=True, text=True, timeout=600)
+                   PYTHONPATH=ROOT, OMP_NUM_THREADS=threads)
+        out = subprocess.run([sys.executable, "-c", _BUILD, jobs], env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         digests.append(out.stdout.strip().splitlines()[-1])
     assert digests[0] == digests[1]
+
+
+def test_a_run_builds_its_missing_models_side_by_side(tmp_path, monkeypatch):
+    """prepare() (what a script calls before loading its models) builds the missing ones in worker processes,
+    each once, and their threads are the build's, not the caller's."""
+    monkeypatch.setenv("AGENT_DISTILL_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(tiny, "_build_worker", lambda r, what, verbose: calls.append(what))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+
+    class Pool:  # the worker pool, in this process, recording what it is asked
+        def __init__(self, jobs, mp_context=None):
+            calls.append(("jobs", jobs))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def submit(self, fn, *a):
+            fn(*a)
+            return type("Done", (), {"result": lambda self: None})()
+
+    import concurrent.futures
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(tiny, "_build_expert", lambda *a: calls.append("expert in the caller"))
+    monkeypatch.setattr(tiny, "_build_student", lambda *a: calls.append("student in the caller"))
+    tiny.prepare(["tiny", "tiny-expert:simonsays", "tiny"])
+    assert calls[0] == ("jobs", 2)
+    assert calls[1:3] == ["student", "expert-simonsays"]  # the longest chain first, each model once
+    seen = []
+    monkeypatch.setattr(tiny, "_build_student", lambda *a: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(2)
+    try:
+        tiny.build(tiny.recipe(), only=["student-novice"], table=False, jobs=1)
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [tiny.BUILD_THREADS]
 
 
 def test_expert_and_student_names():
