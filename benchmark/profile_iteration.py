@@ -4,8 +4,9 @@ its wall time split into those parts as a table of seconds, milliseconds per ite
 
 Timers, not a sampling profiler: a few hundred timed calls per iteration cost nothing measurable, so the
 numbers are the run's own. A part's time is exclusive: a timed call inside another timed call is taken out of
-the outer one (the env steps inside a rollout count as env time), except inside evaluation, setup and
-checkpoints, which keep everything they call (an evaluation's generation is evaluation). What no timer covers
+the outer one (the env steps inside a rollout count as env time), except inside evaluation, setup, scoring and
+checkpoints, which keep everything they call (an evaluation's generation is evaluation, a teacher's forward
+pass is scoring). What no timer covers
 (the script's own Python between calls, process start and imports) is "other". `--cprofile N` runs the same
 again under cProfile and prints the N functions with the most time of their own (there the profiler's cost
 inflates whatever makes many small Python calls).
@@ -34,8 +35,9 @@ sys.path.insert(0, ROOT)
 
 SETUP, EVAL, SAVE = "setup: models built or loaded, sharded", "evaluation (held-out episodes, teacher alone)", \
     "checkpoints and the final save"
-OUTER = (SETUP, EVAL, SAVE)  # these keep the time of the timed calls inside them
-ORDER = [SETUP, "rollout: env reset and step", "rollout: turn generation", "scoring: teacher and rollout-time student",
+SCORING = "scoring: teacher and rollout-time student"
+OUTER = (SETUP, EVAL, SAVE, SCORING)  # these keep the time of the timed calls inside them
+ORDER = [SETUP, "rollout: env reset and step", "rollout: turn generation", SCORING,
          "training: forward (the loss)", "training: backward", "training: gradient clipping",
          "training: optimizer step", EVAL, "logging (tensorboard, stdout)", SAVE]
 
@@ -51,7 +53,7 @@ class Timers:
     def wrap(self, part: str, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            if self.stack and self.stack[-1][0] in OUTER:  # inside evaluation, setup or a save: theirs
+            if self.stack and self.stack[-1][0] in OUTER:  # inside evaluation, setup, scoring or a save: theirs
                 return fn(*args, **kwargs)
             now = time.perf_counter()
             if self.stack:  # pause the caller's stretch
@@ -83,8 +85,8 @@ def install(timers: Timers) -> None:
     patch(models, "load_student_and_teachers", SETUP)
     patch(envs, "call_all", "rollout: env reset and step")
     patch(episode, "generate_replies", "rollout: turn generation")
-    patch(teacher, "score_teacher", "scoring: teacher and rollout-time student")
-    patch(teacher.Teachers, "score", "scoring: teacher and rollout-time student")
+    patch(teacher, "score_teacher", SCORING)
+    patch(teacher.Teachers, "score", SCORING)
     patch(teacher, "token_logprobs", "training: forward (the loss)")  # inside scoring it is scoring
     patch(torch.Tensor, "backward", "training: backward")
     patch(torch.nn.utils, "clip_grad_norm_", "training: gradient clipping")
