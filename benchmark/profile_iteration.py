@@ -6,8 +6,8 @@ Timers, not a sampling profiler: a few hundred timed calls per iteration cost no
 numbers are the run's own. A part's time is exclusive: a timed call inside another timed call is taken out of
 the outer one (the env steps inside a rollout count as env time), except inside evaluation, setup, scoring and
 checkpoints, which keep everything they call (an evaluation's generation is evaluation, a teacher's forward
-pass is scoring). What no timer covers
-(the script's own Python between calls, process start and imports) is "other". `--cprofile N` runs the same
+pass is scoring). What no timer covers (the script's own Python between calls, process start and imports) is
+"other". `--cprofile N` runs the same
 again under cProfile and prints the N functions with the most time of their own (there the profiler's cost
 inflates whatever makes many small Python calls).
 
@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated
 
+import torch
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,8 +75,6 @@ class Timers:
 
 def install(timers: Timers) -> None:
     """Put timers on the functions of an iteration, before the script imports them."""
-    import torch
-
     import envs
     from common import episode, models, runs, teacher
 
@@ -141,7 +140,7 @@ def main() -> None:
             profiler.runcall(run_script, argv)
     n = args.iterations
     print(f"\n{args.script} {' '.join(flags)}: {n} iterations, {total:.1f} s in all, {os.cpu_count()} cores, "
-          f"{__import__('torch').get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads")
     print("| part | seconds | ms per iteration | share | calls |\n|---|---|---|---|---|")
     parts = {**timers.seconds, "other (the scripts' own Python, process group, envs made)": total - sum(timers.seconds.values())}
     for part in ORDER + [p for p in parts if p not in ORDER]:

@@ -196,7 +196,7 @@ def load_student_and_teachers(student: str, teachers: list[str], device, max_seq
     loaded, a teacher whose vocabulary differs from the student's, or a --max-seq-len beyond the student's
     positions."""
     try:
-        tiny_names = [name for name in [student, *teachers] if is_tiny(name) and name not in ALIASES]
+        tiny_names = [name for name in [student, *teachers] if is_tiny(name)]
         if tiny_names:  # the first run builds its missing tiny models side by side, not one after the other
             from common import tiny
 

@@ -15,7 +15,8 @@ in minutes on a CPU. So every script's defaults run a real, small version of the
   methods get almost no signal from it: its own episodes are mostly mistakes), and `tiny-small` a
   smaller novice.
 
-Everything is deterministic from the recipe's seed and cached under `$AGENT_DISTILL_CACHE` (default
+Everything is deterministic from the recipe's seed (each model trains with one thread, so the weights do not
+depend on the machine's core count) and cached under `$AGENT_DISTILL_CACHE` (default
 `~/.cache/agent-distill`) in a folder named by a hash of the recipe, so a changed recipe rebuilds.
 `python -m common.tiny` builds it all and prints held-out success of every expert and of the student.
 `AGENT_DISTILL_TINY=smoke` selects a seconds-long recipe whose models are untrained (for tests).

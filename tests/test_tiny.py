@@ -131,11 +131,12 @@ def test_a_run_builds_its_missing_models_side_by_side(tmp_path, monkeypatch):
     assert calls[1:3] == ["student", "expert-simonsays"]  # the longest chain first, each model once
     seen = []
     monkeypatch.setattr(tiny, "_build_student", lambda *a: seen.append(torch.get_num_threads()))
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         tiny.build(tiny.recipe(), only=["student-novice"], table=False, jobs=1)
     finally:
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
     assert seen == [tiny.BUILD_THREADS]
 
 
