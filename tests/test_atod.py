@@ -258,7 +258,7 @@ def test_smoke_run_trains_and_saves_a_loadable_model(tmp_path):
     from common.models import load_model
 
     out = run(SMOKE + ["--total-iterations", "2"], tmp_path)
-    assert "teacher tiny-expert:coin-imperfect" in out.stdout  # the default env's imperfect teacher
+    assert "teacher tiny-expert:peckingorder-imperfect" in out.stdout  # the default env's imperfect teacher
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     for tag in ["charts/success_rate", "charts/turn_weight_mean", "charts/reward_std_in_group", "losses/clipfrac",
                 "losses/approx_kl", "schedule/kappa", "schedule/rho", "eval/success_rate", "eval/best_success_rate",
