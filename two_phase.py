@@ -20,8 +20,10 @@ mode-seeking but needs a student that already reaches the states the experts kno
 Open choices, as flags: the data size (--expert-episodes per task), filtering by success (--success-only),
 the switch (after --phase1-iterations; the paper gives no criterion), the exact losses for local teachers
 (--teacher-loss full, --student-loss full), the sampling temperature of the experts' data
-(--expert-temperature), and from the template --num-minibatches, --adv-clip and --ratio-clip (phase 2's sampled
-form, PPO's clipped ratio to the rollout student). One optimizer and one learning rate schedule span both phases.
+(--expert-temperature), phase 2's learning rate (--phase2-learning-rate; the tiny default's is a quarter of
+phase 1's: at phase 1's rate the on-policy steps, one episode each, lowered phase 1's result on 4 of 5 seeds),
+and from the template --num-minibatches, --adv-clip and --ratio-clip (phase 2's sampled form, PPO's clipped
+ratio to the rollout student). One optimizer and one learning rate schedule (warmup, decay) span both phases.
 Arguments left at None are "auto": the tiny default's
 values with a tiny student, the real-model values otherwise (TINY and REAL below the Args).
 
@@ -107,7 +109,11 @@ class Args:
     phase2_iterations: int = 50
     """on-policy iterations (phase 2): a batch of student rollouts and --num-minibatches optimizer steps each"""
     learning_rate: float | None = None
-    """AdamW learning rate (auto: 2e-3 tiny, 1e-6 real)"""
+    """AdamW learning rate of phase 1 (auto: 2e-3 tiny, 1e-6 real)"""
+    phase2_learning_rate: float | None = None
+    """AdamW learning rate of phase 2 (auto: 5e-4 tiny, --learning-rate real): the same optimizer, its rate
+    changed at the switch (the tiny default's on-policy steps, one episode each, are noisier than the experts'
+    tokens)"""
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     """learning rate after warmup: constant, or decaying to 0 at the end (of both phases)"""
     warmup_iterations: int = 0
@@ -163,8 +169,8 @@ class Args:
 
 
 # "Auto" arguments (None above): the embedded tiny default's values, and a real model's.
-TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=2e-3, micro_batch_tokens=4096,
-            student_loss="full", teacher_loss="full")
+TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=2e-3, phase2_learning_rate=5e-4,
+            micro_batch_tokens=4096, student_loss="full", teacher_loss="full")
 REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
             student_loss="sampled", teacher_loss="ce")
 REAL_TEACHER = "qwen3-8b"
@@ -179,10 +185,13 @@ def phase_at(iteration: int, args: Args) -> int:
 
 
 def lr_at(iteration: int, args: Args) -> float:
+    """The phase's learning rate (--learning-rate, --phase2-learning-rate) times the warmup and the schedule,
+    which span both phases."""
+    base = args.learning_rate if phase_at(iteration, args) == 1 else args.phase2_learning_rate
     if iteration < args.warmup_iterations:
-        return args.learning_rate * (iteration + 1) / args.warmup_iterations
+        return base * (iteration + 1) / args.warmup_iterations
     p = (iteration - args.warmup_iterations) / max(1, args.total_iterations - args.warmup_iterations)
-    return args.learning_rate * {"constant": 1.0, "cosine": 0.5 * (1.0 + math.cos(math.pi * p)), "linear": 1.0 - p}[args.lr_schedule]
+    return base * {"constant": 1.0, "cosine": 0.5 * (1.0 + math.cos(math.pi * p)), "linear": 1.0 - p}[args.lr_schedule]
 
 
 def task_label(spec: str) -> str:
@@ -448,6 +457,8 @@ if __name__ == "__main__":
     # ---- INFRASTRUCTURE: arguments, process group, seeds, models, run folder (common/ holds the details) ----
     args = tyro.cli(Args)
     fill_defaults(args, TINY, REAL)
+    if args.phase2_learning_rate is None:  # a real student's auto: phase 1's
+        args.phase2_learning_rate = args.learning_rate
     check_args(args)
     rank, world, device = setup()
     try:

@@ -142,6 +142,13 @@ def test_phase_switch():
     assert [tp.phase_at(i, tp.Args(phase1_iterations=2, phase2_iterations=0)) for i in range(2)] == [1, 1]
 
 
+def test_each_phase_has_its_learning_rate_and_the_schedule_spans_both():
+    a = tp.Args(phase1_iterations=2, phase2_iterations=2, learning_rate=2e-3, phase2_learning_rate=5e-4)
+    assert [tp.lr_at(i, a) for i in range(4)] == pytest.approx([2e-3, 2e-3, 5e-4, 5e-4])
+    a.lr_schedule = "linear"  # decays over the whole run: phase 2 starts halfway down
+    assert [tp.lr_at(i, a) for i in range(4)] == pytest.approx([2e-3, 1.5e-3, 2.5e-4, 1.25e-4])
+
+
 def fake_data(tasks, sizes):
     return {t: [Episode(ids=[], loss_mask=[], turn_id=[], role=[], task=t, seed=s) for s in range(n)]
             for t, n in zip(tasks, sizes)}
