@@ -270,11 +270,16 @@ class Started:
 
 
 def kill_jvms_until(started: Started, done, timeout=600) -> None:
-    """Kill a busy game JVM of the run, one at a time, until `done()` or the run ends."""
+    """Kill a busy game JVM of the run, one at a time, until `done()` or the run ends. After a kill the next waits
+    for the iteration's log line: on a loaded machine two kills 0.5 s apart could both land in one iteration, in
+    the only two episodes of a rank, which stops the run by design (a rank with none left)."""
     deadline = time.time() + timeout
+    iterations = lambda: sum(bool(re.match(r"iter +\d+ ", line)) for line in list(started.out))  # noqa: E731
     while not done() and started.p.poll() is None and time.time() < deadline:
+        logged = iterations()
         if kill_busy_jvm(started.p.pid, timeout=5):
-            time.sleep(0.5)
+            while not done() and started.p.poll() is None and iterations() == logged and time.time() < deadline:
+                time.sleep(0.05)
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
