@@ -9,7 +9,8 @@ run) and an SVG figure (mean over seeds against the iteration, with a min-max ba
     python benchmark/reproduce.py novice       # the same with the format-only student (--student tiny-novice)
     python benchmark/reproduce.py mopd         # MOPD, one teacher for all, off-policy on the pooled teachers'
                                                # data (two_phase.py), MOPD with --loss pg and with --loss topk
-    python benchmark/reproduce.py atod         # ATOD, OPD, GRPO, no annealing, no T-DUR; the teacher as a line
+    python benchmark/reproduce.py atod         # ATOD, OPD, GRPO (also at a tenth of the learning rate), no annealing,
+                                               # no T-DUR; the teacher as a line
     python benchmark/reproduce.py two_phase    # two-phase, off-policy only, on-policy only (same total iterations)
 
     python benchmark/reproduce.py atod --seeds 1 2 3 --jobs 2 --arms ATOD OPD   # 3 seeds, two runs at a time
@@ -180,6 +181,7 @@ PAPERS = {
         Arm("ATOD", "atod.py"),
         Arm("OPD", "atod.py", ("--mode", "opd")),
         Arm("GRPO", "atod.py", ("--mode", "grpo")),
+        Arm("GRPO, lr 5e-5", "atod.py", ("--mode", "grpo", "--learning-rate", "5e-5")),
         Arm("no annealing", "atod.py", ("--mode", "constant")),
         Arm("no T-DUR", "atod.py", ("--weighting", "none"))),
         "eval/success_rate", SUCCESS, "teacher/success_rate"),
