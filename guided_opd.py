@@ -16,7 +16,8 @@ training (then plain OPD). Evaluation uses beta = 0. No environment reward is us
 
 Open choices, as flags: --num-minibatches optimizer steps per rollout batch; for the later ones the sampled
 form can weigh tokens by the importance ratio to the rollout student, clipped as PPO (`--ratio-clip`), and
-clip its advantage (`--adv-clip`, as MOPD); the exact full-vocabulary losses (`--student-loss full`,
+clip its advantage (`--adv-clip`, as MOPD) or subtract the micro-batch's mean advantage (`--adv-baseline`,
+off: a constant baseline, same expected gradient); the exact full-vocabulary losses (`--student-loss full`,
 `--teacher-loss full`) for local teachers; `--teacher-loss none`; `--curriculum step` (beta 1, then 0).
 Arguments left at None are "auto": the tiny default's values with a tiny student, the real-model values
 otherwise (the TINY and REAL tables below the Args). Rollouts sample at temperature 1, since the sampled
@@ -156,6 +157,9 @@ class Args:
     mean per role, weighted (1 - beta) for student turns and beta for teacher turns"""
     adv_clip: float = 0.0
     """clip the sampled form's per-token advantage log pi_t - log pi_s to +-adv_clip (0 = no clip)"""
+    adv_baseline: bool = False
+    """sampled form: subtract the micro-batch's mean advantage over its student tokens from each one's (a
+    constant baseline: the same expected gradient, less variance)"""
     ratio_clip: float = 0.0
     """sampled form: weigh each token by pi_s / pi_s(rollout), clipped to 1 +- ratio_clip as PPO, with the
     advantage of the rollout-time student (0 = the plain estimator, no ratio)"""
@@ -256,23 +260,26 @@ def rollout(student, teacher, tokenizer, pool, seeds, beta: float, args: Args, s
 # other), then the loss of one micro-batch: per-role sums over its trained tokens (the training step
 # divides them by the mini-batch's token counts) and the statistics to log.
 # ----------------------------------------------------------------------------------------------------
-def sampled_reverse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor, adv_clip: float = 0.0) -> torch.Tensor:
+def sampled_reverse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor, adv_clip: float = 0.0,
+                       baseline: torch.Tensor | float = 0.0) -> torch.Tensor:
     """Student turns: A_t = stopgrad(log pi_t(y_t) - log pi_s(y_t)), loss_t = -A_t log pi_s(y_t).
-    Its expected gradient under y_t ~ pi_s is the gradient of KL(pi_s || pi_t) at that position."""
+    Its expected gradient under y_t ~ pi_s is the gradient of KL(pi_s || pi_t) at that position; so is that
+    of -(A_t - b) log pi_s(y_t) for a constant b, since E[grad log pi_s(y_t)] = 0 (a baseline, `--adv-baseline`)."""
     advantage = (logp_t - logp_s).detach()
     if adv_clip > 0:
         advantage = advantage.clamp(-adv_clip, adv_clip)
-    return -advantage * logp_s
+    return -(advantage - baseline) * logp_s
 
 
 def clipped_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, logp_t: torch.Tensor, ratio_clip: float,
-                               adv_clip: float = 0.0) -> torch.Tensor:
+                               adv_clip: float = 0.0, baseline: torch.Tensor | float = 0.0) -> torch.Tensor:
     """The sampled form for a batch that the student sampled a few optimizer steps ago (PPO's surrogate):
     A_t = log pi_t(y_t) - log pi_old(y_t) from the rollout-time student, r_t = pi_s(y_t) / pi_old(y_t),
     loss_t = -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t). At r_t = 1 its gradient is the plain form's."""
     advantage = logp_t - logp_old
     if adv_clip > 0:
         advantage = advantage.clamp(-adv_clip, adv_clip)
+    advantage = advantage - baseline
     ratio = torch.exp(logp_s - logp_old)
     return -torch.min(ratio * advantage, ratio.clamp(1 - ratio_clip, 1 + ratio_clip) * advantage)
 
@@ -298,10 +305,15 @@ def guided_opd_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, torch.
     s = token_logprobs(student, mb["input_ids"], mb["attention_mask"], mb["loss_mask"], full=full)
     logp_s, logp_t = s.logp, mb["teacher_logp"]
 
+    baseline = 0.0
+    if args.adv_baseline:  # the micro-batch's mean advantage over its student tokens (of the rollout student's)
+        a = logp_t - (mb["old_logp"] if args.ratio_clip > 0 else logp_s.detach())
+        a = a.clamp(-args.adv_clip, args.adv_clip) if args.adv_clip > 0 else a
+        baseline = (a * s_mask).sum() / s_mask.sum().clamp(min=1)
     if args.student_loss == "sampled" and args.ratio_clip > 0:
-        rkl_tokens = clipped_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_clip, args.adv_clip)
+        rkl_tokens = clipped_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_clip, args.adv_clip, baseline)
     else:
-        rkl_tokens = sampled_reverse_kl(logp_s, logp_t, args.adv_clip)
+        rkl_tokens = sampled_reverse_kl(logp_s, logp_t, args.adv_clip, baseline)
     fkl_tokens = -logp_s  # teacher turns: forward KL with only the sampled tokens known = cross-entropy
     if full:  # the exact losses from the full distributions at the trained positions (rows in mask order)
         where = mb["loss_mask"].nonzero(as_tuple=True)

@@ -12,7 +12,9 @@ trajectory's tokens, then the mean over trajectories.
   loss = -mean_y (1/|y|) sum_t A_t log pi_s(y_t).
 - `--loss topk` (the paper's alternative, k = 64): over the teacher's top-k tokens v at each position,
   sum_v [p_s(v) log(p_s(v)/p_t(v)) - p_s(v) + p_t(v)], not renormalised (the last two terms correct for the
-  truncation; with k = the vocabulary it is the exact reverse KL).
+  truncation; with k = the vocabulary it is the exact reverse KL). By default (not in the paper; the paper's
+  form is `--no-topk-tail`) plus the same term for the bucket of all tokens outside the top-k: without it
+  nothing holds the student's mass there down (the tiny student's collapsed into it, README).
 - `--loss full`: the exact reverse KL over the vocabulary, for local teachers (cheap with the tiny vocabulary).
 The headline metric: per domain, the normalised score g_d = (s_d - s_d(initial student)) / (s_d(teacher) -
 s_d(initial student)) on held-out seeds (0 = the initial student, 1 = the domain's teacher), and its mean
@@ -23,7 +25,10 @@ Open choices, as flags: `--domain-weights` (the paper's 0.35 : 0.35 : 0.30 were 
 `--ratio-clip` (PPO's clipped ratio to the rollout student; the paper's ratio handling is unknown); `--route`
 scores every domain with one domain's teacher (the routing ablation). Arguments left at None are "auto": the
 tiny default's values with a tiny student, the real-model values otherwise (the TINY and REAL tables below
-the Args). The tiny default trains with `--loss full`: with `--loss pg` the tiny student collapsed (README).
+the Args). The tiny default trains with `--loss full`; a real model with `--loss topk` (k = 64, with the tail
+bucket; the teacher's top 64 take 768 bytes per token of a rank's rollout batch, fp32 log-probs and int64
+ids): from the tiny default's able student `--loss topk` taught about as the exact loss did, while `--loss pg`
+collapsed at the tiny rate and stalled at a fifth of it (README).
 
     python mopd.py                                          # embedded tiny default: 3 games, 3 same-origin experts
     python mopd.py --route simonsays                        # ablation: simonsays' teacher scores every domain
@@ -141,11 +146,15 @@ class Args:
     # Algorithm specific arguments
     loss: Literal["pg", "topk", "full"] | None = None
     """`pg`: the paper's clipped sampled-token policy gradient; `topk`: reverse KL over the teacher's top-k
-    tokens with the truncation terms; `full`: the exact reverse KL over the vocabulary (auto: full tiny, pg real)"""
+    tokens with the truncation terms; `full`: the exact reverse KL over the vocabulary (auto: full tiny, topk real)"""
     adv_clip: float = 5.0
     """pg: clip the per-token advantage log pi_t - log pi_s to +-adv_clip (0 = no clip)"""
     topk: int = 64
     """topk: the teacher's k most likely tokens at each position"""
+    topk_tail: bool = True
+    """topk: add the same term for the mass outside the teacher's top-k (one bucket, student's and teacher's
+    tail mass), so that the student's mass outside them is held down as the exact KL holds it;
+    `--no-topk-tail`: the paper's form"""
     route: str = "domain"
     """`domain`: each trajectory is scored by its own domain's teacher (MOPD); a domain's name: that domain's
     teacher scores every domain (the routing ablation; normalised scores still use each domain's own teacher)"""
@@ -158,7 +167,7 @@ class Args:
 TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=5e-4, micro_batch_tokens=4096,
             loss="full")
 REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
-            loss="pg")
+            loss="topk")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,10 +293,19 @@ def clipped_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, log
     return -torch.min(ratio * advantage, ratio.clamp(1 - ratio_clip, 1 + ratio_clip) * advantage)
 
 
-def topk_reverse_kl(at_s: torch.Tensor, topk_t: torch.Tensor) -> torch.Tensor:
+def topk_reverse_kl(at_s: torch.Tensor, topk_t: torch.Tensor, tail: bool = False) -> torch.Tensor:
     """Over the teacher's top-k tokens v (log-probs [..., k] of student and teacher at those tokens):
     sum_v [p_s(v) log(p_s(v) / p_t(v)) - p_s(v) + p_t(v)], not renormalised; each term is >= 0, and with
-    k = the vocabulary the sum is KL(pi_s || pi_t)."""
+    k = the vocabulary the sum is KL(pi_s || pi_t). With `tail`, plus the same term for the tail R outside the
+    top-k, with p(R) = 1 - sum_v p(v): the exact KL of the k + 1 buckets, a lower bound of KL(pi_s || pi_t)."""
+    def with_tail(logp: torch.Tensor) -> torch.Tensor:  # log p(R) = log(1 - exp(logsumexp)), floored at 1e-6:
+        # fp32 log-probs of a near one-hot teacher resolve its top-k mass no finer than that
+        return torch.cat([logp, torch.log((-torch.expm1(logp.logsumexp(-1))).clamp(min=1e-6)).unsqueeze(-1)], -1)
+    # ALGO LOGIC: without the tail bucket the gradient raises every token outside the teacher's top-k whenever
+    # the student's top-k terms are above their teacher's (d/dz_j = -p_s(j) * sum_v p_s(v) log(p_s(v)/p_t(v))
+    # for j outside); with a near one-hot teacher the student's mass drifts there (README, mopd.py's losses).
+    if tail:
+        at_s, topk_t = with_tail(at_s), with_tail(topk_t)
     p_s, p_t = at_s.exp(), topk_t.exp()
     return (p_s * (at_s - topk_t) - p_s + p_t).sum(-1)
 
@@ -315,7 +333,7 @@ def mopd_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, dict]:
     elif args.loss == "pg":
         tokens = sampled_reverse_kl(logp_s, logp_t, args.adv_clip)
     elif args.loss == "topk":
-        tokens = topk_reverse_kl(s.at_logp, mb["teacher_topk_logp"])
+        tokens = topk_reverse_kl(s.at_logp, mb["teacher_topk_logp"], args.topk_tail)
     else:  # the exact reverse KL from the full rows at the trained positions (rows in mask order)
         tokens = torch.zeros_like(logp_s).index_put(mask.nonzero(as_tuple=True), full_reverse_kl(s.full, mb["teacher_full"]))
     per_sequence = sequence_means(tokens, mask)

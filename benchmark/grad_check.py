@@ -19,9 +19,10 @@ checks the estimators through the scripts' own code, at the student's parameters
   expectation (the per-token loss weighted by pi_s over the whole vocabulary, reduced by the script's loss
   through its full path): what the samples converge to. A form whose E column is below 1 is biased.
 
-The forms: guided_opd `sampled_reverse_kl` and `clipped_sampled_reverse_kl` (--ratio-clip 0.2, --adv-clip 0);
-mopd `--loss pg` (advantage clipped at --mopd-adv-clip, 5 as the script) and `--loss topk` (deterministic: the
-same value in every column); atod's OPD advantage kappa (log pi_t - log pi_old) inside its PPO surrogate with
+The forms: guided_opd `sampled_reverse_kl` (alone and with `--adv-baseline`) and `clipped_sampled_reverse_kl`
+(--ratio-clip 0.2, --adv-clip 0);
+mopd `--loss pg` (advantage clipped at --mopd-adv-clip, 5 as the script), `--loss topk --no-topk-tail` (the
+paper's) and `--loss topk` (with the tail bucket; both deterministic: the same value in every column); atod's OPD advantage kappa (log pi_t - log pi_old) inside its PPO surrogate with
 w = 1 (`--weighting none`), GRPO advantage 0, against its `--opd-loss full` term kappa KL.
 
 Mutations, which the check must catch (tests/test_grad_agreement.py asserts it on small random models): the
@@ -194,11 +195,11 @@ def gather(rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 FORMS = {  # script -> sampled forms (the exact one is "full")
-    "guided_opd": ("sampled", "ratio"),
-    "mopd": ("pg", "topk", "ratio"),
+    "guided_opd": ("sampled", "baseline", "ratio"),
+    "mopd": ("pg", "topk", "topk-tail", "ratio"),
     "atod": ("surrogate",),
 }
-SAMPLED = {"sampled", "ratio", "pg", "surrogate", "stale"}  # forms whose loss depends on drawn tokens
+SAMPLED = {"sampled", "baseline", "ratio", "pg", "surrogate", "stale"}  # forms whose loss depends on drawn tokens
 
 
 @dataclass
@@ -224,7 +225,7 @@ def stale_term(logp_s, logp_t, logp_old, adv_clip: float = 0.0):
 def token_term(script: str, form: str, s: Setting):
     """The script's per-token loss of a form as a function (logp_s, logp_t, logp_old) -> loss, elementwise: the
     same function its loss applies to the sampled token (used for the expectation over the whole vocabulary)."""
-    if script == "guided_opd" and form == "sampled":
+    if script == "guided_opd" and form in ("sampled", "baseline"):  # a constant baseline's expectation is 0
         return lambda ls, lt, lo: guided_opd.sampled_reverse_kl(ls, lt, s.adv_clip)
     if script == "guided_opd" and form == "ratio":
         return lambda ls, lt, lo: guided_opd.clipped_sampled_reverse_kl(ls, lo, lt, s.ratio_clip, s.adv_clip)
@@ -250,20 +251,20 @@ def mutated(script: str, form: str, s: Setting):
     goes through the script's ratio branch (which hands it old_logp) with its term swapped for -A_old log pi_s."""
     module = {"guided_opd": guided_opd, "mopd": mopd, "atod": atod}[script]
     if form == "stale" and script != "atod":
-        with patched(module, clipped_sampled_reverse_kl=lambda ls, lo, lt, rc, ac=0.0: stale_term(ls, lt, lo, ac)):
+        with patched(module, clipped_sampled_reverse_kl=lambda ls, lo, lt, rc, ac=0.0, b=0.0: stale_term(ls, lt, lo, ac)):
             yield
         return
     if not s.mutation or script == "atod":  # atod's are applied where its advantage is built (script_loss)
         yield
         return
     if s.mutation == "nodetach":
-        def fn(logp_s, logp_t, adv_clip=0.0):
+        def fn(logp_s, logp_t, adv_clip=0.0, baseline=0.0):
             a = logp_t - logp_s
-            return -(a.clamp(-adv_clip, adv_clip) if adv_clip > 0 else a) * logp_s
+            return -((a.clamp(-adv_clip, adv_clip) if adv_clip > 0 else a) - baseline) * logp_s
     elif s.mutation == "flip":
-        def fn(logp_s, logp_t, adv_clip=0.0):
+        def fn(logp_s, logp_t, adv_clip=0.0, baseline=0.0):
             a = (logp_s - logp_t).detach()
-            return -(a.clamp(-adv_clip, adv_clip) if adv_clip > 0 else a) * logp_s
+            return -((a.clamp(-adv_clip, adv_clip) if adv_clip > 0 else a) + baseline) * logp_s
     else:
         raise ValueError(s.mutation)
     with patched(module, sampled_reverse_kl=fn):
@@ -280,7 +281,7 @@ def script_loss(script: str, form: str, F: torch.Tensor, st: States, s: Setting,
     that expectation."""
     old = F.detach() if old is None else old
     T = st.teacher_full
-    full_path = form in ("full", "topk") or expect is not None
+    full_path = form in ("full", "topk", "topk-tail") or expect is not None
     if full_path:  # one replica; logp_s of the sequences' own tokens (only logged by the scripts)
         y = st.targets[None]
     R = y.shape[0]
@@ -299,13 +300,14 @@ def script_loss(script: str, form: str, F: torch.Tensor, st: States, s: Setting,
     with patched(module, token_logprobs=scorer(scores), **swap), mutated(script, form, s):
         if script == "guided_opd":
             args = guided_opd.Args(student_loss="full" if full_path else "sampled", teacher_loss="none",
-                                   adv_clip=s.adv_clip, ratio_clip=s.ratio_clip if form in ("ratio", "stale") else 0.0)
+                                   adv_clip=s.adv_clip, ratio_clip=s.ratio_clip if form in ("ratio", "stale") else 0.0,
+                                   adv_baseline=form == "baseline")
             mb["role"] = torch.full_like(dummy, STUDENT)
             pg_sum, ce_sum, _ = guided_opd.guided_opd_loss(None, mb, args)
             return (pg_sum + ce_sum) / max(int(mask.sum()), 1)  # --role-weighting tokens: one token mean
         if script == "mopd":
             loss = "full" if form == "full" or expect is not None else "pg" if form in ("pg", "ratio", "stale") else "topk"
-            args = mopd.Args(loss=loss, adv_clip=s.mopd_adv_clip, topk=s.topk, domains=("d",),
+            args = mopd.Args(loss=loss, adv_clip=s.mopd_adv_clip, topk=s.topk, domains=("d",), topk_tail=form == "topk-tail",
                              ratio_clip=s.ratio_clip if form in ("ratio", "stale") else 0.0)
             mb["domain"] = dummy
             if loss == "topk":  # the student's log-probs at its teacher's top-k tokens, as token_logprobs(at=...)
@@ -527,9 +529,11 @@ def drift(F_old: torch.Tensor, F: torch.Tensor, clip: float) -> tuple[float, flo
 # ----------------------------------------------------------------------------------------------------
 LABELS = {
     ("guided_opd", "sampled"): "sampled_reverse_kl",
+    ("guided_opd", "baseline"): "sampled_reverse_kl, --adv-baseline (micro-batch mean)",
     ("guided_opd", "ratio"): "clipped_sampled_reverse_kl (--ratio-clip 0.2, --adv-clip 0)",
     ("mopd", "pg"): "--loss pg (adv clip {c:g})",
-    ("mopd", "topk"): "--loss topk (k {k})",
+    ("mopd", "topk"): "--loss topk --no-topk-tail (k {k}, the paper's)",
+    ("mopd", "topk-tail"): "--loss topk (k {k}, with the tail bucket)",
     ("mopd", "ratio"): "--loss pg --ratio-clip 0.2 (adv clip {c:g})",
     ("atod", "surrogate"): "kappa A_OPD in the PPO surrogate, w = 1",
 }
@@ -592,7 +596,7 @@ def main(args: Args) -> None:
     for script, forms in FORMS.items():
         exact = exact_grad(script, F, st, s, params)
         for form in forms:
-            for k_top in (topks if form == "topk" else (None,)):
+            for k_top in (topks if form in ("topk", "topk-tail") else (None,)):
                 if k_top is not None:
                     s.topk = k_top
                 res = agreement(script, form, F, st, s, params, exact, ks, args.repeats, args.repeats_large, gen)

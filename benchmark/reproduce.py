@@ -163,17 +163,24 @@ class Paper:
 
 GUIDED = (Arm("Guided-OPD", "guided_opd.py"), Arm("vanilla OPD", "guided_opd.py", ("--beta-start", "0")))
 SUCCESS = "held-out success of the student alone"
+SAMPLED_FORM = ("--student-loss", "sampled", "--teacher-loss", "ce", "--learning-rate", "1e-4")
 PAPERS = {
     "guided_opd": Paper("Guided-OPD against vanilla OPD", GUIDED, "eval/success_rate", SUCCESS, "teacher/success_rate"),
     "novice": Paper("Guided-OPD against vanilla OPD, format-only student (tiny-novice)",
                     tuple(replace(a, flags=a.flags + ("--student", "tiny-novice")) for a in GUIDED),
                     "eval/success_rate", SUCCESS, "teacher/success_rate"),
+    "sampled": Paper("The sampled-token losses (the real-model defaults) beside the exact ones, Guided-OPD and vanilla OPD",
+                     GUIDED + tuple(Arm(f"{a.label}, {name}", a.script, a.flags + SAMPLED_FORM + extra) for a in GUIDED
+                                    for name, extra in (("sampled, lr 1e-4", ()),
+                                                        ("sampled + baseline, lr 1e-4", ("--adv-baseline",)))),
+                     "eval/success_rate", SUCCESS, "teacher/success_rate"),
     "mopd": Paper("MOPD: per-domain teachers against one teacher, off-policy distillation and the sampled losses", (
         Arm("MOPD", "mopd.py"),
         Arm("one teacher for all", "mopd.py", ("--route", "simonsays")),
         Arm("off-policy on the pooled teachers' data", "two_phase.py", mopd_pooled_flags(), phases(lambda n: n),
             normalised_mean),
         Arm("MOPD --loss pg", "mopd.py", ("--loss", "pg")),
+        Arm("MOPD --loss topk --no-topk-tail", "mopd.py", ("--loss", "topk", "--no-topk-tail")),
         Arm("MOPD --loss topk", "mopd.py", ("--loss", "topk"))),
         "eval/normalised_mean", "normalised score g = (s - s_initial) / (s_teacher - s_initial), mean over domains "
         "(two_phase.py's run: computed the same way from its per-task logs, against its own step-0 evaluation)"),
@@ -196,7 +203,7 @@ PAPERS = {
 @dataclass
 class Args:
     paper: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PAPER")]
-    """the comparison to rerun: guided_opd, novice, mopd, atod or two_phase"""
+    """the comparison to rerun: guided_opd, novice, sampled, mopd, atod or two_phase"""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     """the seeds every arm runs (each run's --seed)"""
     iterations: int | None = None
@@ -212,6 +219,8 @@ class Args:
     """where <paper>.md (the table) and <paper>.svg (the figure) are written"""
     dry_run: bool = False
     """print the runs' commands (and which are finished) and stop"""
+    report_only: bool = False
+    """start no run: write the table and figure from the runs already finished (the others: "not run")"""
     extra: list[str] = field(default_factory=list)
     """flags appended to every run's command, e.g. --extra --eval-interval 1; it must come last: everything
     after it is passed on"""
@@ -362,6 +371,22 @@ def wall(seconds: list[float]) -> str:
     return mean if len(seconds) == 1 else f"{mean} ({min(seconds):.0f}-{max(seconds):.0f})"
 
 
+def along_the_way(groups: dict[str, list[Curve]], columns: int = 6) -> list[str]:
+    """A table of each arm's mean over seeds (and its min-max) at up to `columns` evaluated steps that every
+    run has, evenly spaced from the first to the last (no lines when the runs share fewer than two steps)."""
+    common = sorted(set.intersection(*(set(c) for cs in groups.values() for c in cs))) if groups else []
+    if len(common) < 2:
+        return []
+    picks = sorted({common[round(i * (len(common) - 1) / (columns - 1))] for i in range(columns)})
+    rows = ["Along the way: mean over seeds (min-max) at each step.", "",
+            "| arm | " + " | ".join(f"step {k}" for k in picks) + " |", "|---|" + "---|" * len(picks)]
+    for label, cs in groups.items():
+        cells = (f"{statistics.mean(c[k] for c in cs):.2f} ({min(c[k] for c in cs):.2f}-{max(c[k] for c in cs):.2f})"
+                 for k in picks)
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return rows + [""]
+
+
 def report(paper: Paper, jobs: list[Job], args: Args, command: str, figure: str) -> tuple[str, dict[str, list[Curve]]]:
     """The markdown and the figure's groups (label -> one curve per finished run) from the runs' logs."""
     iterations, seeds = args.iterations or paper.iterations, ", ".join(map(str, args.seeds))
@@ -394,6 +419,7 @@ def report(paper: Paper, jobs: list[Job], args: Args, command: str, figure: str)
         starts = [c[0] for c in curves if 0 in c]
         rows.append(f"| {arm.label} | {run} | {fmt(statistics.mean(starts) if starts else None)} | {', '.join(cells)} | "
                     f"{stats(s['finals'])} | {statistics.mean(s['best']):.2f} | {wall(seconds)} |")
+    along = along_the_way(groups)
     if teacher:  # the same teacher in every arm: its evaluations in the first arm's runs
         source, values = next(iter(teacher.items()))
         last = max(max(c) for cs in groups.values() for c in cs)
@@ -404,7 +430,7 @@ def report(paper: Paper, jobs: list[Job], args: Args, command: str, figure: str)
           f"Metric: `{paper.tag}`, {paper.about}. {iterations} iterations per run, seeds {seeds}. Each run is "
           f"`python <script> <flags> --seed S <iterations> --exp-name <arm> {shlex.join(args.extra)}"
           f"{' ' if args.extra else ''}--runs-dir <runs-dir>/<arm>/seed<S>`, its script and flags in the column run. "
-          "Final: the value at the run's last step; best: the highest value after step 0.", "", *rows, ""]
+          "Final: the value at the run's last step; best: the highest value after step 0.", "", *rows, "", *along]
     if failed:
         md += ["Failed runs:", ""] + [f"- {j.arm.label}, seed {j.seed} (exit {j.state()['returncode']}): log "
                                       f"`{j.log}`" for j in failed] + [""]
@@ -435,7 +461,7 @@ def main(argv: list[str]) -> int:
             print(("# finished, skipped: " if job.finished() else "") + shlex.join(job.command()))
         return 0
 
-    failed = run_all(jobs, args.jobs)
+    failed = [] if args.report_only else run_all(jobs, args.jobs)
 
     os.makedirs(args.out_dir, exist_ok=True)
     md_path, svg_path = (os.path.join(args.out_dir, f"{args.paper}.{ext}") for ext in ("md", "svg"))

@@ -60,12 +60,12 @@ def scripts_loss_on_the_batch(script: str, form: str, student, teacher, old, epi
     mb.update(teacher_logp=sc.logp, teacher_full=sc.full, old_logp=old_logp)
     if script == "guided_opd":
         args = guided_opd.Args(student_loss="full" if form == "full" else "sampled", teacher_loss="none",
-                               ratio_clip=s.ratio_clip if form == "ratio" else 0.0)
+                               ratio_clip=s.ratio_clip if form == "ratio" else 0.0, adv_baseline=form == "baseline")
         pg, ce, _ = guided_opd.guided_opd_loss(student, mb, args)
         return (pg + ce) / episodes_states.n
     if script == "mopd":
-        loss = {"full": "full", "topk": "topk"}.get(form, "pg")
-        args = mopd.Args(loss=loss, adv_clip=s.mopd_adv_clip, topk=TOPK, domains=("d",),
+        loss = {"full": "full", "topk": "topk", "topk-tail": "topk"}.get(form, "pg")
+        args = mopd.Args(loss=loss, adv_clip=s.mopd_adv_clip, topk=TOPK, domains=("d",), topk_tail=form == "topk-tail",
                          ratio_clip=s.ratio_clip if form == "ratio" else 0.0)
         mb["domain"] = torch.zeros_like(mb["input_ids"])
         mb["teacher_topk_logp"], mb["teacher_topk_ids"] = sc.topk_logp, sc.topk_ids
@@ -87,8 +87,8 @@ def scripts_loss_on_the_batch(script: str, form: str, student, teacher, old, epi
 
 
 @pytest.mark.parametrize("script,form", [("guided_opd", "full"), ("guided_opd", "sampled"), ("guided_opd", "ratio"),
-                                         ("mopd", "full"), ("mopd", "pg"), ("mopd", "ratio"), ("mopd", "topk"),
-                                         ("atod", "full"), ("atod", "surrogate")])
+                                         ("guided_opd", "baseline"), ("mopd", "full"), ("mopd", "pg"), ("mopd", "ratio"), ("mopd", "topk"),
+                                         ("mopd", "topk-tail"), ("atod", "full"), ("atod", "surrogate")])
 def test_the_check_computes_the_scripts_own_loss(case, script, form):
     # the check's replicated, compact batch with one replica holding the sequences' own tokens = the script's loss
     # on the real batch; the rollout-time student differs from the current one (ratios other than 1)
@@ -96,7 +96,7 @@ def test_the_check_computes_the_scripts_own_loss(case, script, form):
     old_rows = gc.student_rows(old, case.st).detach()
     reference = scripts_loss_on_the_batch(script, form, case.student, case.teacher, old, case.st, case.s)
     expected = flat(torch.autograd.grad(reference, case.params))
-    y = None if form in ("full", "topk") else case.st.targets[None]
+    y = None if form in ("full", "topk", "topk-tail") else case.st.targets[None]
     got = gc.param_grad(case.F, case.params, lambda rows: gc.script_loss(script, form, rows, case.st, case.s, y, old_rows))
     assert expected.norm() > 0
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)

@@ -122,6 +122,28 @@ def test_student_turn_loss_is_the_sampled_reverse_kl():
     assert stats["reverse_kl"] == pytest.approx((lp - mb["teacher_logp"][:, 1:])[mask].sum().item(), abs=1e-3)
 
 
+def test_adv_baseline_subtracts_the_mean_advantage_of_the_student_tokens_only():
+    """--adv-baseline: each student token's advantage minus the mean over the micro-batch's student tokens (teacher
+    tokens and padding excluded), without a gradient through that mean."""
+    model = tiny_model()
+    mb = micro_batch(STUDENT)
+    mb["role"][0, 7:9] = TEACHER  # mixed roles: the teacher's tokens must not enter the student tokens' mean
+    logp = torch.log_softmax(model(input_ids=mb["input_ids"]).logits.float(), -1)
+    lp = logp[:, :-1].gather(-1, mb["input_ids"][:, 1:, None]).squeeze(-1)
+    s_mask = (mb["loss_mask"] & (mb["role"] == STUDENT))[:, 1:]
+    adv = (mb["teacher_logp"][:, 1:] - lp).detach()
+    b = adv[s_mask].mean()
+    args = g.Args(student_loss="sampled", teacher_loss="ce", adv_baseline=True)
+    pg_sum, _, _ = g.guided_opd_loss(model, mb, args)
+    ref = (-(adv - b) * lp)[s_mask].sum()
+    assert torch.allclose(pg_sum, ref, atol=1e-4)
+    (grad,) = torch.autograd.grad(pg_sum, model.lm_head.weight)
+    (grad_ref,) = torch.autograd.grad(ref, model.lm_head.weight)
+    assert torch.allclose(grad, grad_ref, atol=1e-5)
+    plain, _, _ = g.guided_opd_loss(model, mb, g.Args(student_loss="sampled", teacher_loss="ce"))
+    assert abs(b.item()) > 0.1 and not torch.allclose(plain, pg_sum, atol=1e-3)  # the baseline changes the loss
+
+
 def test_exact_losses_against_their_definitions():
     """Distinct teacher and student distributions, both roles, trained positions in separate runs across rows:
     the exact reverse KL on student tokens and forward KL on teacher tokens, position by position."""

@@ -93,6 +93,47 @@ def test_topk_truncated_on_a_toy_case():
     assert abs(value.item() - m.full_reverse_kl(s2, t2).item()) > 1e-3
 
 
+def test_topk_tail_is_the_kl_of_the_buckets_on_a_toy_case():
+    # the same toy with the tail bucket: tokens {0}, {1}, rest {2} -> the whole KL here (the tail is one token)
+    s, t = torch.tensor([0.5, 0.3, 0.2]).log(), torch.tensor([0.6, 0.3, 0.1]).log()
+    topk_t, ids = t.topk(2)
+    value = m.topk_reverse_kl(s[ids], topk_t, tail=True)
+    assert value.item() == pytest.approx(m.full_reverse_kl(s, t).item(), abs=1e-6)
+    # with the whole vocabulary the tail is empty (floored at 1e-6 on both sides: a zero term)
+    torch.manual_seed(0)
+    s, t = torch.log_softmax(torch.randn(6, 9), -1), torch.log_softmax(2 * torch.randn(6, 9), -1)
+    topk_t, ids = t.topk(9, dim=-1)
+    assert torch.allclose(m.topk_reverse_kl(s.gather(-1, ids), topk_t, tail=True), m.full_reverse_kl(s, t), atol=1e-5)
+
+
+def test_topk_tail_holds_the_mass_outside_the_teachers_topk_down():
+    """A near one-hot teacher and a student with much of its mass outside the teacher's top 4: without the tail
+    bucket the truncated loss raises every token outside (the drift that collapsed the tiny student); with it
+    they all fall, as under the exact reverse KL."""
+    V, k = 200, 4
+    torch.manual_seed(0)
+    z_t = torch.randn(V)
+    z_t[0] = 25.0
+    logp_t = torch.log_softmax(z_t, -1)
+    z = torch.randn(V)
+    z[0] = 2.0
+    z.requires_grad_(True)
+    top = logp_t.topk(k).indices
+    outside = torch.ones(V, dtype=torch.bool)
+    outside[top] = False
+    grads = {}
+    for tail in (False, True):
+        (grads[tail],) = torch.autograd.grad(m.topk_reverse_kl(torch.log_softmax(z, -1)[top], logp_t[top], tail), z)
+    (exact,) = torch.autograd.grad(m.full_reverse_kl(torch.log_softmax(z, -1)[None], logp_t[None]).sum(), z)
+    (tail_mass,) = torch.autograd.grad(torch.softmax(z, -1)[outside].sum(), z)
+    # a small step against each gradient changes the mass outside the top-k by -lr * <grad of that mass, g>
+    assert (tail_mass @ exact) > 0             # the exact loss lowers it
+    assert (grads[False][outside] < 0).all()   # the paper's truncated form raises every token outside
+    assert (tail_mass @ grads[True]) > 0       # the tail bucket lowers their mass, as the exact loss does
+    cos = {tail: torch.cosine_similarity(g, exact, 0).item() for tail, g in grads.items()}
+    assert cos[True] > 0.9 and cos[True] - cos[False] > 0.3  # 0.96 and 0.54 here
+
+
 def tiny_model(vocab=50, seed=0):
     torch.manual_seed(seed)
     cfg = Qwen3Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -109,8 +150,8 @@ def hand_made_batch(V=50, T=14):
     return {"input_ids": ids, "attention_mask": torch.ones(3, T, dtype=torch.long), "loss_mask": loss_mask, "domain": domain}
 
 
-@pytest.mark.parametrize("loss", ["pg", "topk", "full"])
-def test_loss_is_the_mean_over_trajectories_of_their_token_means(loss):
+@pytest.mark.parametrize("loss, tail", [("pg", True), ("topk", False), ("topk", True), ("full", True)])
+def test_loss_is_the_mean_over_trajectories_of_their_token_means(loss, tail):
     """The micro-batch loss = sum over trajectories of (1/|y|) sum_t loss_t, position by position against the
     definitions written out with plain forward passes (position t is predicted from t - 1)."""
     V = 50
@@ -121,7 +162,7 @@ def test_loss_is_the_mean_over_trajectories_of_their_token_means(loss):
     mb = {**batch, "teacher_logp": scores.logp, "teacher_full": scores.full, "teacher_topk_logp": scores.topk_logp,
           "teacher_topk_ids": scores.topk_ids}
     mb = {key: v for key, v in mb.items() if v is not None}
-    args = m.Args(loss=loss, topk=k, adv_clip=0.5)
+    args = m.Args(loss=loss, topk=k, adv_clip=0.5, topk_tail=tail)
     total, stats = m.mopd_loss(student, mb, args)
     ls = torch.log_softmax(student(input_ids=batch["input_ids"]).logits.float(), -1)
     lt = torch.log_softmax(teacher(input_ids=batch["input_ids"]).logits.float(), -1)
@@ -136,7 +177,11 @@ def test_loss_is_the_mean_over_trajectories_of_their_token_means(loss):
                 per_token.append((p_s.exp() * (p_s - p_t)).sum())
             else:
                 top, ids = p_t.topk(k)
-                per_token.append((p_s[ids].exp() * (p_s[ids] - top) - p_s[ids].exp() + top.exp()).sum())
+                term = (p_s[ids].exp() * (p_s[ids] - top) - p_s[ids].exp() + top.exp()).sum()
+                if tail:  # the bucket of the other tokens: q_s = 1 - sum p_s(top), q_t the same
+                    q_s, q_t = 1 - p_s[ids].exp().sum(), 1 - top.exp().sum()
+                    term = term + q_s * (q_s.log() - q_t.log()) - q_s + q_t
+                per_token.append(term)
         ref = ref + sum(per_token) / len(per_token)
     assert torch.allclose(total, ref, atol=1e-5) and stats["sequences"] == 3 and stats["tokens"] == 8
     (g1,) = torch.autograd.grad(total, student.lm_head.weight)

@@ -28,8 +28,11 @@ def reproduce_cmd(args, tmp_path, timeout=600):
 
 
 def table_rows(md: str) -> dict[str, list[str]]:
-    """label -> the row's cells after the label, of the markdown table."""
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("| ")]
+    """label -> the row's cells after the label, of the first markdown table."""
+    lines = md.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    table = lines[first:lines.index("", first) if "" in lines[first:] else len(lines)]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table if line.startswith("| ")]
     return {cells[0]: cells[1:] for cells in rows[1:]}  # after the header
 
 
@@ -72,6 +75,23 @@ def test_reproduce_smoke(tmp_path):
     assert sorted(glob.glob(str(tmp_path / "runs" / "*" / "seed*" / "*"))) == folders
     assert (tmp_path / "out" / "guided_opd.md").read_text() == md
 
+    # The table along the way: each arm's mean (min-max) over the seeds at every evaluated step.
+    along = md[md.index("Along the way"):]
+    assert "| arm | step 0 | step 1 | step 2 |" in along
+    for label, slug in (("Guided-OPD", "guided-opd"), ("vanilla OPD", "vanilla-opd")):
+        curves = [scalars(d, "eval/success_rate") for d in sorted(glob.glob(str(tmp_path / "runs" / slug / "seed*" / "*")))
+                  if os.path.isdir(d)]
+        cells = table_rows(along)[label]
+        assert cells == [f"{sum(c[k] for c in curves) / 2:.2f} ({min(c[k] for c in curves):.2f}-"
+                         f"{max(c[k] for c in curves):.2f})" for k in (0, 1, 2)], along
+
+    # --report-only with a seed never run: the table says so, and nothing starts.
+    p = reproduce_cmd(["guided_opd", "--report-only", *SMOKE[:3], "3", *SMOKE[3:]], tmp_path, timeout=60)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert not glob.glob(str(tmp_path / "runs" / "*" / "seed3")) and "[1/" not in p.stdout
+    assert table_rows((tmp_path / "out" / "guided_opd.md").read_text())["Guided-OPD"][2].endswith(", not run")
+    (tmp_path / "out" / "guided_opd.md").write_text(md)
+
     # The same folders with another recipe: refused, in one line.
     p = reproduce_cmd(["guided_opd", "--seeds", "1", "--iterations", "3", "--runs-dir", "runs"], tmp_path, timeout=60)
     assert p.returncode != 0 and p.stderr.strip().count("\n") == 0 and "another recipe" in p.stderr, p.stderr
@@ -92,11 +112,11 @@ def test_dry_run_commands(tmp_path):
     p = reproduce_cmd(["mopd", "--dry-run", "--seeds", "3", "--iterations", "6", "--extra", "--num-envs", "4"], tmp_path)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert len(lines) == 5 and all(line.endswith(f"--runs-dir {folder}/seed3") and " --seed 3 " in line and
+    assert len(lines) == 6 and all(line.endswith(f"--runs-dir {folder}/seed3") and " --seed 3 " in line and
                                    "--num-envs 4" in line for line, folder in zip(lines, (
         "runs/reproduce/mopd/mopd", "runs/reproduce/mopd/one-teacher-for-all",
         "runs/reproduce/mopd/off-policy-on-the-pooled-teachers-data", "runs/reproduce/mopd/mopd-loss-pg",
-        "runs/reproduce/mopd/mopd-loss-topk"))), p.stdout
+        "runs/reproduce/mopd/mopd-loss-topk-no-topk-tail", "runs/reproduce/mopd/mopd-loss-topk"))), p.stdout
     pooled = lines[2]
     assert "two_phase.py" in pooled and "--phase1-iterations 6 --phase2-iterations 0" in pooled
     specs = [d.partition("@")[0] for d in mopd.Args().domains]  # mopd's default domains and their teachers
@@ -104,12 +124,19 @@ def test_dry_run_commands(tmp_path):
     assert f"--tasks {' '.join(specs)}" in pooled.replace("'", "")
     assert (f"--teachers {' '.join(teachers)}" in pooled.replace("'", "")) if all(teachers) else "--teachers" not in pooled
     assert "--route simonsays" in lines[1] and "--loss pg" in lines[3] and "--loss topk" in lines[4]
+    assert "--loss topk --no-topk-tail" in lines[4] and "tail" not in lines[5]
     assert all("--total-iterations 6" in line for line in lines[:2] + lines[3:])
 
     p = reproduce_cmd(["two_phase", "--dry-run", "--seeds", "1", "--iterations", "7"], tmp_path)
     two, off, on = p.stdout.splitlines()
     assert "--phase1-iterations 3 --phase2-iterations 4" in two
     assert "--phase1-iterations 7 --phase2-iterations 0" in off and "--phase1-iterations 0 --phase2-iterations 7" in on
+    p = reproduce_cmd(["sampled", "--dry-run", "--seeds", "1"], tmp_path)
+    exact, vanilla, *sampled = p.stdout.splitlines()
+    assert "--student-loss" not in exact + vanilla and len(sampled) == 4
+    assert all("--student-loss sampled --teacher-loss ce --learning-rate 1e-4" in line for line in sampled)
+    assert [("--beta-start 0" in line, "--adv-baseline" in line) for line in sampled] == [
+        (False, False), (False, True), (True, False), (True, True)]
     p = reproduce_cmd(["novice", "--dry-run", "--seeds", "1"], tmp_path)
     assert all("--student tiny-novice" in line and "--total-iterations 100" in line for line in p.stdout.splitlines())
     assert not os.listdir(tmp_path)  # a dry run makes nothing
