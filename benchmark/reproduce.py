@@ -372,9 +372,10 @@ def wall(seconds: list[float]) -> str:
 
 
 def along_the_way(groups: dict[str, list[Curve]], columns: int = 6) -> list[str]:
-    """A table of each arm's mean over seeds (and its min-max) at up to `columns` evaluated steps that every
-    run has, evenly spaced from the first to the last (no lines when the runs share fewer than two steps)."""
-    common = sorted(set.intersection(*(set(c) for cs in groups.values() for c in cs))) if groups else []
+    """A table of each arm's mean over seeds (and its min-max) at up to `columns` steps that every run of the
+    first arm evaluated, evenly spaced from the first to the last ("-" where an arm's runs lack the step; no
+    lines when there are fewer than two such steps)."""
+    common = sorted(set.intersection(*(set(c) for c in next(iter(groups.values()))))) if groups else []
     if len(common) < 2:
         return []
     picks = sorted({common[round(i * (len(common) - 1) / (columns - 1))] for i in range(columns)})
@@ -382,7 +383,7 @@ def along_the_way(groups: dict[str, list[Curve]], columns: int = 6) -> list[str]
             "| arm | " + " | ".join(f"step {k}" for k in picks) + " |", "|---|" + "---|" * len(picks)]
     for label, cs in groups.items():
         cells = (f"{statistics.mean(c[k] for c in cs):.2f} ({min(c[k] for c in cs):.2f}-{max(c[k] for c in cs):.2f})"
-                 for k in picks)
+                 if all(k in c for c in cs) else "-" for k in picks)
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return rows + [""]
 
