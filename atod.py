@@ -51,7 +51,7 @@ from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, Episode, TurnCache, collate, end_of_turn_id, episode_sums, generate_replies,
                             pack_by_tokens, start_episodes, step_envs)
 from common.models import ModelError, fill_defaults, is_tiny, load_student_and_teachers, student_name, teacher_name
-from common.runs import Run, check_rollout_args, gathered, seed_everything
+from common.runs import Run, check_rollout_args, eval_batch, gathered, seed_everything
 from common.teacher import score_teacher, token_logprobs
 from common.user import env_user
 
@@ -133,6 +133,9 @@ class Args:
     """held-out episodes per evaluation (split over ranks)"""
     eval_temperature: float = 0.0
     """sampling temperature of evaluation (0 = greedy; the paper validates at 0.4)"""
+    eval_batch: int = 0
+    """held-out episodes a rank plays at once (0 = auto: all of its share of --eval-episodes with a tiny student,
+    --num-envs with a real one)"""
     save_interval: int = 20
     """write a resumable checkpoint every N iterations (and at the end)"""
     resume: str | None = None
@@ -470,7 +473,8 @@ if __name__ == "__main__":
     # Environments are made once and reset for every episode (a TextWorld-Express env is a JVM process).
     # Their own randomness comes from (--seed, split, episode seed): the same episode on any rank.
     pool = [envs.make(args.env, seed=args.seed, split="train", **user) for _ in range(args.num_envs)]
-    eval_pool = [envs.make(args.env, seed=args.seed, split="heldout", **user) for _ in range(args.num_envs)]
+    eval_pool = [envs.make(args.env, seed=args.seed, split="heldout", **user)
+                 for _ in range(eval_batch(args, world, args.num_envs))]
     max_turns = args.max_turns or pool[0].max_turns
     groups_per_rank = args.num_envs // args.group_size
 

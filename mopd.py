@@ -53,7 +53,7 @@ from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, Episode, TurnCache, collate, end_of_turn_id, episode_means, episode_sums,
                             generate_replies, pack_by_tokens, start_episodes, step_envs)
 from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
-from common.runs import Run, check_rollout_args, gathered, seed_everything
+from common.runs import Run, check_rollout_args, eval_batch, gathered, seed_everything
 from common.teacher import Teachers, score_teacher, token_logprobs
 from common.user import env_user
 
@@ -136,6 +136,9 @@ class Args:
     """held-out episodes per domain and evaluation (split over ranks)"""
     eval_temperature: float = 0.0
     """sampling temperature of evaluation (0 = greedy)"""
+    eval_batch: int = 0
+    """held-out episodes a rank plays at once (0 = auto: all of its share of --eval-episodes with a tiny student,
+    --num-envs with a real one)"""
     save_interval: int = 20
     """write a resumable checkpoint every N iterations (and at the end)"""
     resume: str | None = None
@@ -493,12 +496,12 @@ if __name__ == "__main__":
         return envs_[:n]
 
     max_turns = args.max_turns or max(pool(d, "train", 1)[0].max_turns for d in names)
-    eval_batch = min(args.num_envs, math.ceil(args.eval_episodes / world))
+    eval_size = eval_batch(args, world, args.num_envs)
 
     def evaluate_alone(model, domain: str):
         """The model alone on the domain's held-out seeds."""
         return run.evaluate(model, lambda p, s, sampler: rollout(model, tokenizer, p, [domain] * len(p), s, args, sampler,
-                                                                 args.eval_temperature, max_turns), pool(domain, "heldout", eval_batch))
+                                                                 args.eval_temperature, max_turns), pool(domain, "heldout", eval_size))
 
     def evaluate_domains(step: int, results: dict | None = None) -> None:
         results = results or {d: evaluate_alone(student, d) for d in names}

@@ -52,7 +52,7 @@ from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, TEACHER, Episode, TurnCache, collate, end_of_turn_id, episode_sums,
                             generate_replies, pack_by_tokens, start_episodes, step_envs)
 from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
-from common.runs import Run, check_rollout_args, evaluate, gathered, seed_everything
+from common.runs import Run, check_rollout_args, eval_batch, evaluate, gathered, seed_everything
 from common.teacher import Teachers, score_teacher, token_logprobs
 from common.user import env_user
 
@@ -137,6 +137,9 @@ class Args:
     """held-out episodes per task and evaluation (split over ranks)"""
     eval_temperature: float = 0.0
     """sampling temperature of evaluation (0 = greedy)"""
+    eval_batch: int = 0
+    """held-out episodes a rank plays at once (0 = auto: all of its share of --eval-episodes with a tiny student,
+    --num-envs with a real one)"""
     save_interval: int = 25
     """write a resumable checkpoint every N iterations (and at the end)"""
     resume: str | None = None
@@ -497,7 +500,8 @@ if __name__ == "__main__":
     # Training envs: --num-envs per task (the experts' data is played one task at a time, a full batch wide);
     # phase 2's slot j plays its task on that task's env j. Held-out envs: a batch's share per task.
     task_pools = {t: [make(t, "train") for _ in range(args.num_envs)] for t in args.tasks}
-    eval_pools = {t: [make(t, "heldout") for _ in range(math.ceil(args.num_envs / len(args.tasks)))] for t in args.tasks}
+    eval_size = eval_batch(args, world, math.ceil(args.num_envs / len(args.tasks)))
+    eval_pools = {t: [make(t, "heldout") for _ in range(eval_size)] for t in args.tasks}
     pool_tasks = [task_of_slot(rank * args.num_envs + j, args) for j in range(args.num_envs)]
     pool = [task_pools[task][j] for j, task in enumerate(pool_tasks)]
     max_turns = args.max_turns or max(env.max_turns for env in pool)

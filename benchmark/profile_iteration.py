@@ -132,6 +132,7 @@ def main() -> None:
         t0 = time.perf_counter()
         run_script(argv)
         total = time.perf_counter() - t0
+        seconds, calls = dict(timers.seconds), dict(timers.calls)  # the timed run's (the profiled one adds its own)
         if args.cprofile:
             import cProfile
             import pstats
@@ -142,11 +143,11 @@ def main() -> None:
     print(f"\n{args.script} {' '.join(flags)}: {n} iterations, {total:.1f} s in all, {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} threads")
     print("| part | seconds | ms per iteration | share | calls |\n|---|---|---|---|---|")
-    parts = {**timers.seconds, "other (the scripts' own Python, process group, envs made)": total - sum(timers.seconds.values())}
+    parts = {**seconds, "other (the scripts' own Python, process group, envs made)": total - sum(seconds.values())}
     for part in ORDER + [p for p in parts if p not in ORDER]:
         if part in parts:
             print(f"| {part} | {parts[part]:.1f} | {1000 * parts[part] / n:.0f} | {100 * parts[part] / total:.1f}% | "
-                  f"{timers.calls.get(part, '')} |")
+                  f"{calls.get(part, '')} |")
     if args.cprofile:
         print()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)

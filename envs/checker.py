@@ -22,6 +22,8 @@ failure is one line:
   plays the episode as before after them;
 - where the game runs in a process of its own (`game_process()`), killing it between two turns makes the
   step in flight a one-line EnvError, and the next reset starts a new one that plays the episode as before;
+  an env that `survives_process_death` (its games share one process) instead answers that step, and the rest
+  of the episode, as if the process had not died;
 - every valid action survives `parse_action` unchanged (the agent can write it);
 - the oracle's actions are valid turns, and it wins at least one of its episodes (not every one: some
   oracles cannot win every game);
@@ -326,22 +328,36 @@ class _Checker:
 
     def process_death(self, first: _Episode) -> None:
         """Where the game runs in a process of its own: kill it before the first episode's last turn that reaches
-        the game; that step must raise a one-line EnvError, and the next reset must replay the episode."""
+        the game; that step must raise a one-line EnvError, and the next reset must replay the episode (or, with
+        `survives_process_death`, the step and the rest of the episode must be as before)."""
         if self.env.game_process() is None:  # the game runs in this Python process: nothing can die apart
             return
         reaching = [i for i, s in enumerate(first.steps) if not s[4]["invalid"]]
         if not reaching:
             return
         seed, last = first.seed, reaching[-1]
-        if not self.reset(seed, _Episode(seed)):
+        again = _Episode(seed)
+        if not self.reset(seed, again):
             return
         for turn, reply in enumerate(first.replies[:last], 1):
-            if self.step(reply, f"seed {seed}, turn {turn}") is None:
+            out = self.step(reply, f"seed {seed}, turn {turn}")
+            if out is None:
                 return
+            again.steps.append((reply, *out))
         proc = self.env.game_process()
         proc.kill()
         proc.wait(timeout=60)
         where = f"seed {seed}, turn {last + 1}, its game process (pid {proc.pid}) killed before it"
+        if getattr(self.env, "survives_process_death", False):
+            for turn, reply in enumerate(first.replies[last:], last + 1):
+                out = self.step(reply, f"seed {seed}, turn {turn}, its game process killed before turn {last + 1}")
+                if out is None:
+                    return
+                again.steps.append((reply, *out))
+            again.complete = True
+            self.compare(first, again, "the episode after its game process was killed",
+                         "replay the episode on a new process (survives_process_death)")
+            return
         try:
             self.env.step(first.replies[last])
             self.fail(f"{where}: step did not raise; it must raise a one-line EnvError saying the process died")

@@ -12,6 +12,7 @@ coin when visible, else go through an unvisited exit, else step back along the p
 
 from __future__ import annotations
 
+import copy
 import re
 
 from envs.base import EnvError, JavaEnv
@@ -27,6 +28,7 @@ _OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
 
 class TWXEnv(JavaEnv):
     max_turns = 30
+    shared_jvm = True  # one JVM for every TextWorld-Express env of the process (JavaEnv)
 
     def __init__(self, game: str, params: str = "", split: str = "train", seed: int = 0):
         super().__init__(split, seed)
@@ -43,31 +45,46 @@ class TWXEnv(JavaEnv):
             raise EnvError("TextWorld-Express is missing: run `pip install textworld-express`") from None
         return TextWorldExpressEnv(envStepLimit=10_000)  # episode length is ours (max_turns)
 
+    def _attach(self, owner):
+        # the package's object without its constructor (which starts a JVM): the owner's gateway, and a game
+        # (`PythonInterface`, all of a game's state) of its own in that JVM
+        sim = copy.copy(owner)
+        sim.server = owner._gateway.jvm.textworldexpress.runtime.PythonInterface()
+        sim.runHistory = []
+        return sim
+
     def _reset(self, seed: int):
         from py4j.protocol import Py4JJavaError
 
-        lo, hi = FOLD_SEEDS[self.split]
-        game_seed = lo + seed % (hi - lo)
         try:
-            obs, info = self._sim.reset(seed=game_seed, gameFold=FOLD_NAME[self.split], gameName=self.game,
-                                        gameParams=self.params, generateGoldPath=True)
+            obs, info, gold = self._in_jvm(self._sim_reset, seed, starts_episode=True)
         except (ValueError, Py4JJavaError) as e:  # the game's answer (not a lost JVM): surface it in one line
             raise EnvError(f"TextWorld-Express rejected game {self.game!r} with params {self.params!r}: "
                            f"{str(e).splitlines()[0]}") from None
         self._task_description = info["taskDescription"]
-        self._gold = list(self._sim.getGoldActionSequence())
+        self._gold = gold
         self._gold_pos, self._on_plan = 0, True
         self._explorer = _Explorer() if self.game == "coin" else None
         if self._explorer:
             self._explorer.observe(obs, None)
         return obs, self._info(info, 0.0)
 
+    # the game's own calls, through JavaEnv._in_jvm (which replays them on a new JVM if this one dies)
+    def _sim_reset(self, seed: int):
+        lo, hi = FOLD_SEEDS[self.split]
+        obs, info = self._sim.reset(seed=lo + seed % (hi - lo), gameFold=FOLD_NAME[self.split], gameName=self.game,
+                                    gameParams=self.params, generateGoldPath=True)
+        return obs, info, list(self._sim.getGoldActionSequence())
+
+    def _sim_step(self, action: str):
+        return self._sim.step(action)
+
     def _step(self, action: str):
         if self._on_plan and self._gold_pos < len(self._gold) and action == self._gold[self._gold_pos]:
             self._gold_pos += 1
         else:
             self._on_plan = False
-        obs, reward, done, info = self._sim.step(action)
+        obs, reward, done, info = self._in_jvm(self._sim_step, action)
         if self._explorer:
             self._explorer.observe(obs, action)
         done = bool(done or info["tasksuccess"] or info["taskfailure"])

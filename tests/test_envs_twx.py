@@ -3,6 +3,8 @@ says (invalid turns never crash), seed splits are disjoint, Java is found, bad n
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import envs
@@ -130,23 +132,101 @@ def kill(proc) -> None:
     proc.wait(timeout=30)
 
 
-def test_a_killed_jvm_fails_the_step_in_one_line_and_the_next_reset_restarts_it():
+def oracle_episode(env, seed, kill_before=None):
+    """The observations and infos of the oracle's episode of `seed`; with `kill_before` k, the env's JVM is
+    killed just before the k-th step."""
+    rows = [env.reset(seed)]
+    for turn in range(1, 40):
+        plan = env.oracle_actions()
+        if not plan:
+            break
+        if turn == kill_before:
+            kill(env.game_process())
+        obs, reward, done, info = env.step(f"<action>{plan[0]}</action>")
+        rows.append((obs, reward, done, info))
+        if done:
+            break
+    return rows
+
+
+def test_every_twx_env_of_the_process_plays_in_one_jvm_which_stops_with_the_last():
+    pool = [envs.make("twx:coin", split="heldout") for _ in range(3)] + [envs.make("twx:simonsays")]
+    try:
+        jvm = pool[0].game_process()
+        assert all(env.game_process() is jvm for env in pool) and jvm.poll() is None
+        alone = envs.make("twx:coin", split="heldout")
+        first = oracle_episode(alone, 7)
+        alone_games = [oracle_episode(alone, s) for s in (1, 2, 3)]
+        # the games in one JVM are independent: stepped together in threads, each plays as it did alone
+        played = envs.call_all(pool[:3], lambda env, s: oracle_episode(env, s), [1, 2, 3])
+        assert played == alone_games and oracle_episode(pool[1], 7) == first
+        for env in pool + [alone]:
+            env.close()
+        assert jvm.wait(timeout=30) is not None  # the last env closed: the JVM stopped
+    finally:
+        for env in pool:
+            env.close()
+
+
+def test_a_killed_jvm_is_replaced_and_the_episode_goes_on_as_if_it_had_not_died():
     env = envs.make("twx:coin", split="heldout")
     try:
-        env.reset(1)
-        assert not env.step(f"<action>{env.oracle_actions()[0]}</action>")[2]
+        undisturbed = oracle_episode(env, 1)
+        assert len(undisturbed) > 3
         jvm = env.game_process()
-        kill(jvm)
-        for _ in range(2):  # every step until the next reset
+        assert oracle_episode(env, 1, kill_before=3) == undisturbed  # the episode replayed in a new JVM
+        assert env.game_process().pid != jvm.pid and env.game_process().poll() is None
+        kill(env.game_process())  # found dead at the reset itself
+        assert oracle_episode(env, 1) == undisturbed
+    finally:
+        env.close()
+
+
+def test_a_killed_jvm_replaces_every_game_in_it_once():
+    pool = [envs.make("twx:coin", split="heldout") for _ in range(8)]
+
+    def lockstep(kill_before=None):  # the oracle's episodes of seeds 0-7, every env's turn at the same time
+        rows = [[r] for r in envs.call_all(pool, lambda env, s: env.reset(s), list(range(8)))]
+        for turn in range(1, 40):
+            if turn == kill_before:
+                kill(pool[0].game_process())
+            live = [i for i, r in enumerate(rows) if not (len(r) > 1 and r[-1][2])]
+            if not live:
+                break
+            steps = envs.call_all([pool[i] for i in live], lambda env, _: env.step(
+                f"<action>{(env.oracle_actions() or ['look around'])[0]}</action>"), live)
+            for i, out in zip(live, steps):
+                rows[i].append(out)
+        return rows
+
+    try:
+        undisturbed = lockstep()
+        jvm = pool[0].game_process()
+        # every env's step finds the JVM dead at once: one new JVM for all of them, every episode as before
+        assert lockstep(kill_before=2) == undisturbed
+        envs.call_all(pool, lambda env, s: env.reset(s), list(range(8)))  # an env whose episode had ended: now
+        assert len({env.game_process().pid for env in pool}) == 1 and pool[0].game_process().pid != jvm.pid
+    finally:
+        for env in pool:
+            env.close()
+
+
+def test_a_replay_that_fails_too_is_a_one_line_error_and_the_next_reset_starts_again(monkeypatch):
+    env = envs.make("twx:coin", split="heldout")
+    try:
+        undisturbed = oracle_episode(env, 1)
+        env.reset(1)
+        env.step(f"<action>{env.oracle_actions()[0]}</action>")
+        kill(env.game_process())
+        with monkeypatch.context() as m:
+            m.setattr(twx.TWXEnv, "_launch", lambda self: (_ for _ in ()).throw(EnvError("no Java found")))
             with pytest.raises(EnvError) as e:
                 env.step("<action>look around</action>")
-            msg = one_line(e.value)
-            assert msg.startswith("twx:coin: the game process died during step (killed by signal 9;")
-            assert msg.endswith("the next reset(seed) starts a new one")
-        assert play_oracle(env, 1)["success"]  # a whole episode on the new JVM
-        assert env.game_process().pid != jvm.pid
-        kill(env.game_process())  # found dead at the reset itself
-        assert play_oracle(env, 2)["success"]
+        msg = one_line(e.value)
+        assert msg.startswith("twx:coin: the game process died (killed by signal 9), and replaying the episode in "
+                              "a new one failed (EnvError: no Java found)"), msg
+        assert msg.endswith("the next reset(seed) starts a new one")
+        assert oracle_episode(env, 1) == undisturbed
     finally:
         env.close()
 
@@ -164,8 +244,9 @@ def test_the_checker_kills_the_jvm_and_checks_the_restart():
         def _restart(self):
             pass
 
-    failures = envs.check(lambda: NoRestart("simonsays"), seeds=(0,))
-    assert any("reset(0) raised EnvError: twx:simonsays: the game process died during reset" in f
+    failures = envs.check(lambda: NoRestart("simonsays"), seeds=(0,))  # the JVM killed, no new one: caught
+    assert any(re.match(r"seed 0, turn \d+, its game process killed before turn \d+: step raised GameLost: "
+                        r"twx:simonsays: the game process died \(killed by signal 9\), and replaying", f)
                for f in failures), failures
 
 

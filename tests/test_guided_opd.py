@@ -305,6 +305,22 @@ def test_torchrun_two_ranks_gives_the_single_process_run(tmp_path, fast):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6, rtol=1e-5) for k in w1)
 
 
+def test_evaluation_in_one_batch_gives_the_rounds_results(tmp_path):
+    """The tiny default plays a rank's held-out episodes in one batch (--eval-batch 0, auto): the same evaluation
+    (greedy) as rounds of 2 (--eval-batch 2), and training untouched (its own sampler and envs)."""
+    common = MIXED + ["--num-envs", "4", "--num-minibatches", "2", "--total-iterations", "2", "--eval-interval", "1",
+                      "--eval-episodes", "8", "--temperature", "1"]
+    run(common + ["--runs-dir", "one"], tmp_path)
+    run(common + ["--eval-batch", "2", "--runs-dir", "rounds"], tmp_path)
+    (one,), (rounds,) = glob.glob(str(tmp_path / "one" / "*")), glob.glob(str(tmp_path / "rounds" / "*"))
+    assert_same_run(one, rounds, ["eval/success_rate", "eval/score", "eval/episode_turns", "teacher/episode_turns",
+                                  "losses/loss", "losses/grad_norm"], rel=0)
+    turns = scalars(one, "teacher/episode_turns")  # (the smoke student alone plays every turn)
+    assert all(1 < t < 5 for t in turns.values()), turns  # episodes of several lengths: padding in the batch
+    w1, w2 = final_weights(one), final_weights(rounds)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks):
     """Killed after its first checkpoint (iteration 2 of 4) and resumed: the same logged numbers and final
@@ -336,6 +352,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks):
     (["--student", "tiny-huge"], "no tiny student 'tiny-huge'"),
     (["--user-model", "tiny"], "--user-model is for conversational envs"),
     (["--batch-cache", "--no-cache-turns"], "--batch-cache keeps the caches between turns"),
+    (["--eval-batch", "-1"], "--eval-batch must be 0 (auto) or more"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, expected):
     p = run(SMOKE + args, tmp_path, check=False, timeout=300)
@@ -383,6 +400,13 @@ def test_real_student_gets_a_real_teacher_and_real_lengths():
     fill_defaults(tiny_args, g.TINY, g.REAL)
     assert (tiny_args.max_new_tokens, tiny_args.student_loss, tiny_args.max_turns) == (24, "full", 12)
     assert teacher_name(None, "tiny", "twx:coin", g.REAL_TEACHER) == "tiny-expert:coin"
+    # evaluation: a tiny student plays its rank's share of the held-out episodes at once, a real one --num-envs
+    from common.runs import eval_batch
+
+    assert [eval_batch(tiny_args, w, tiny_args.num_envs) for w in (1, 3)] == [64, 22]
+    assert [eval_batch(args, w, args.num_envs) for w in (1, 8)] == [16, 8]
+    args.eval_batch = tiny_args.eval_batch = 5
+    assert eval_batch(args, 1, 16) == eval_batch(tiny_args, 1, 16) == 5
 
 
 def test_out_of_gpu_memory_is_one_line_naming_the_flag(capsys):
