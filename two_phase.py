@@ -104,9 +104,9 @@ class Args:
     the memory grows with episodes x tokens; turn off if rollouts run out of memory)"""
 
     # Optimization
-    phase1_iterations: int = 50
+    phase1_iterations: int = 100
     """off-policy iterations (phase 1): batches of the experts' episodes, --num-minibatches optimizer steps each"""
-    phase2_iterations: int = 50
+    phase2_iterations: int = 100
     """on-policy iterations (phase 2): a batch of student rollouts and --num-minibatches optimizer steps each"""
     learning_rate: float | None = None
     """AdamW learning rate of phase 1 (auto: 2e-3 tiny, 1e-6 real)"""
