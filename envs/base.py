@@ -282,7 +282,7 @@ class JavaEnv(TextEnv):
     object (kept as `self._sim`) in a JVM of its own; a JVM that dies is replaced by a new one at the next reset.
 
     With `shared_jvm` (TextWorld-Express), every instance of the class in this process plays its own game
-    object in one JVM (`_attach(owner)` builds it there): a JVM costs about a second to start and its JIT
+    object in one JVM (the subclass's `_attach(owner)` builds it there, `owner` being a `_launch()` result): a JVM costs about a second to start and its JIT
     warms up once for all games, so 32 envs start in well under a second instead of about ten, and step
     about 3x faster on 2 cores (the games are the same objects, and play the same). The JVM stops when its
     last env closes. One death would then fail every game in it, so such a wrapper makes its calls into the
@@ -304,16 +304,18 @@ class JavaEnv(TextEnv):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.survives_process_death = cls.shared_jvm
+        if cls.shared_jvm and not hasattr(cls, "_attach"):
+            raise TypeError(f"{cls.__name__} sets shared_jvm: implement _attach(owner), which builds a simulator "
+                            "object of its own in the JVM of `owner` (a _launch() result)")
+
+    @property
+    def survives_process_death(self) -> bool:
+        return self.shared_jvm
 
     @abc.abstractmethod
     def _launch(self):
         """The package's simulator object, which starts its JVM (both packages keep the process, a
         `subprocess.Popen`, as `_gateway.java_process`)."""
-
-    def _attach(self, owner):
-        """With `shared_jvm`: a simulator object of its own in the JVM `owner` (a `_launch()` result) runs."""
-        raise NotImplementedError(f"{type(self).__name__} sets shared_jvm but has no _attach")
 
     def _open(self):
         """This env's simulator object: in a new JVM, or with `shared_jvm` in the class's (started if none

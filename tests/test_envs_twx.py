@@ -305,3 +305,14 @@ def test_call_all_runs_jvm_envs_in_threads_and_keeps_the_order():
     threads.clear()
     assert envs.call_all([Plain(), Plain()], lambda env, x: threads.add(threading.get_ident()) or x, [1, 2]) == [1, 2]
     assert threads == {threading.get_ident()}
+
+
+def test_a_shared_jvm_wrapper_without_attach_is_refused_when_defined():
+    with pytest.raises(TypeError) as e:
+        class NoAttach(base.JavaEnv):  # noqa: F841
+            shared_jvm = True
+
+            def _launch(self):
+                return None
+    assert "implement _attach(owner)" in str(e.value)
+    assert twx.TWXEnv.shared_jvm and not base.JavaEnv.shared_jvm
