@@ -249,7 +249,10 @@ def test_fsdp2_two_processes():
 
 def fsdp_main():
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from common.runs import gathered
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -274,6 +277,26 @@ def fsdp_main():
         torch.testing.assert_close(s.logp, r_logp, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(s.full, r_full, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(s.topk_logp[mask], r_full.topk(3, -1).values, atol=1e-5, rtol=1e-5)
+
+        # gathered (the rollouts' context, common/runs.py): the weights gathered once, FSDP's forward hooks off
+        # (other hooks kept), the same numbers; afterwards the hooks back in their order, the weights sharded,
+        # and the training steps below still get the right gradients
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        hooks_before = [(list(m._forward_pre_hooks.items()), list(m._forward_hooks.items())) for m in units]
+        model.model.norm.register_forward_hook(lambda *_: None)  # not FSDP's: stays
+        with gathered(model):
+            assert not torch.is_grad_enabled()
+            assert not any(isinstance(p, DTensor) for p in model.parameters())
+            for m in units:
+                state = fully_shard.state(m)
+                assert not [h for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+                            if getattr(h, "__self__", None) is state]
+            assert len(model.model.norm._forward_hooks) == 1
+            s = token_logprobs(model, ids, attn, mask, full=True, chunk_size=3)
+            torch.testing.assert_close(s.full, r_full, atol=1e-5, rtol=1e-5)
+        model.model.norm._forward_hooks.clear()
+        assert hooks_before == [(list(m._forward_pre_hooks.items()), list(m._forward_hooks.items())) for m in units]
+        assert all(isinstance(p, DTensor) for p in model.parameters())
 
         def loss_fn(logp, full, w):
             return (logp * w).sum() + (full.exp() * full).sum()
@@ -306,8 +329,6 @@ def fsdp_main():
         with torch.no_grad():
             r = plain(refs[n], ids[i:i + 1], attn[i:i + 1], mask[i:i + 1])[0]
         torch.testing.assert_close(s.logp[i:i + 1], r, atol=1e-5, rtol=1e-5)
-    from torch.distributed.tensor import DTensor
-
     assert all(isinstance(p, DTensor) for t in teachers.values() for p in t.parameters())  # resharded after use
     print(f"FSDP2 OK rank {rank}", flush=True)
     dist.destroy_process_group()
