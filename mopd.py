@@ -137,8 +137,8 @@ class Args:
     eval_temperature: float = 0.0
     """sampling temperature of evaluation (0 = greedy)"""
     eval_batch: int = 0
-    """held-out episodes a rank plays at once (0 = auto: all of its share of --eval-episodes with a tiny student,
-    --num-envs with a real one)"""
+    """held-out episodes of each domain a rank plays at once, every domain in the same batch (0 = auto: all of its share
+    of --eval-episodes with a tiny student, --num-envs over the number of domains with a real one)"""
     save_interval: int = 20
     """write a resumable checkpoint every N iterations (and at the end)"""
     resume: str | None = None
@@ -497,15 +497,16 @@ if __name__ == "__main__":
         return envs_[:n]
 
     max_turns = args.max_turns or max(pool(d, "train", 1)[0].max_turns for d in names)
-    eval_size = eval_batch(args, world, args.num_envs)
+    eval_size = eval_batch(args, world, math.ceil(args.num_envs / len(names)))  # per domain; a real one: a batch in all
 
-    def evaluate_alone(model, domain: str):
-        """The model alone on the domain's held-out seeds."""
-        return run.evaluate(model, lambda p, s, sampler: rollout(model, tokenizer, p, [domain] * len(p), s, args, sampler,
-                                                                 args.eval_temperature, max_turns), pool(domain, "heldout", eval_size))
+    def evaluate_alone(model, domains: list[str]) -> dict:
+        """The model alone on the domains' held-out seeds, all domains in one batch: {domain: (rates, episodes)}."""
+        return run.evaluate_tasks(model, lambda p, s, d, sampler: rollout(model, tokenizer, p, d, s, args, sampler,
+                                                                          args.eval_temperature, max_turns),
+                                  {d: pool(d, "heldout", eval_size) for d in domains})
 
     def evaluate_domains(step: int, results: dict | None = None) -> None:
-        results = results or {d: evaluate_alone(student, d) for d in names}
+        results = results or evaluate_alone(student, names)
         g = {d: normalised(ev["success_rate"], *baseline[d]) for d, (ev, _) in results.items()}
         known = [v for v in g.values() if math.isfinite(v)] or [float("nan")]
         run.log(step, {**{f"eval/{d}": {**ev, "normalised": g[d]} for d, (ev, _) in results.items()},
@@ -518,10 +519,9 @@ if __name__ == "__main__":
 
     # Each domain's own teacher alone and the initial student, once: the two ends of the normalised score.
     if run.start == 0:
-        initial = {}
+        initial = evaluate_alone(student, names)
         for d in names:
-            teacher_eval, _ = evaluate_alone(teachers[own_teacher[d]], d)
-            initial[d] = evaluate_alone(student, d)
+            (teacher_eval, _), = evaluate_alone(teachers[own_teacher[d]], [d]).values()
             student_eval = initial[d][0]
             baseline[d] = (student_eval["success_rate"], teacher_eval["success_rate"])
             run.log(0, {f"teacher/{d}": teacher_eval}, f"{d}: teacher held-out success {teacher_eval['success_rate']:.2f}, "

@@ -138,8 +138,8 @@ class Args:
     eval_temperature: float = 0.0
     """sampling temperature of evaluation (0 = greedy)"""
     eval_batch: int = 0
-    """held-out episodes a rank plays at once (0 = auto: all of its share of --eval-episodes with a tiny student,
-    --num-envs with a real one)"""
+    """held-out episodes of each task a rank plays at once, every task in the same batch (0 = auto: all of its share
+    of --eval-episodes with a tiny student, --num-envs over the number of tasks with a real one)"""
     save_interval: int = 25
     """write a resumable checkpoint every N iterations (and at the end)"""
     resume: str | None = None
@@ -507,16 +507,17 @@ if __name__ == "__main__":
     pool = [task_pools[task][j] for j, task in enumerate(pool_tasks)]
     max_turns = args.max_turns or max(env.max_turns for env in pool)
 
-    def evaluate_alone(model_of) -> tuple[dict, list[Episode]]:
-        """`model_of(task)` alone on each task's held-out seeds: per-task rates, their mean and the lowest
-        success rate; and this rank's first episodes of each task (for the decoded trajectories)."""
+    def evaluate_alone(model_of: dict) -> tuple[dict, list[Episode]]:
+        """Each task's model alone on the task's held-out seeds, the tasks of one model in one batch: per-task
+        rates, their mean and the lowest success rate; and this rank's first episode of each task (for the
+        decoded trajectories)."""
         out, shown = {}, []
-        for task in args.tasks:
-            ev, eps = run.evaluate(model_of(task), lambda p, s, sampler: rollout(
-                model_of(task), tokenizer, p, [task] * len(s), s, STUDENT, args, sampler, args.eval_temperature, max_turns),
-                eval_pools[task])
-            out.update({f"{task_label(task)}/{k}": v for k, v in ev.items()})
-            shown += eps[:1]
+        for model in {id(m): m for m in model_of.values()}.values():
+            results = run.evaluate_tasks(model, lambda p, s, t, sampler: rollout(
+                model, tokenizer, p, t, s, STUDENT, args, sampler, args.eval_temperature, max_turns),
+                {task: eval_pools[task] for task in args.tasks if model_of[task] is model})
+            out.update({f"{task_label(t)}/{k}": v for t, (ev, _) in results.items() for k, v in ev.items()})
+            shown += [ep for _, eps in results.values() for ep in eps[:1]]
         for k in ("success_rate", "score", "episode_turns"):
             out[k] = sum(out[f"{task_label(t)}/{k}"] for t in args.tasks) / len(args.tasks)
         out["min_success_rate"] = min(out[f"{task_label(t)}/success_rate"] for t in args.tasks)
@@ -527,8 +528,8 @@ if __name__ == "__main__":
 
     # Each expert alone on its task, once: the levels the student is distilled towards.
     if run.start == 0:
-        teacher_eval, _ = evaluate_alone(lambda task: experts[task])
-        student_eval, _ = evaluate_alone(lambda task: student)
+        teacher_eval, _ = evaluate_alone({task: experts[task] for task in args.tasks})
+        student_eval, _ = evaluate_alone(dict.fromkeys(args.tasks, student))
         run.log(0, {"teacher": teacher_eval, "eval": student_eval},
                 f"experts' held-out success: {summary(teacher_eval)}; student before training: {summary(student_eval)}")
 
@@ -594,7 +595,7 @@ if __name__ == "__main__":
         run.log_iteration(completed, totals, step, lr, t_iter, (t_rollout, t_teacher, t_train), losses, {"phase": phase},
                           words=f"phase {phase}  {kl}")
         if run.due(completed, args.eval_interval):
-            ev, eval_eps = evaluate_alone(lambda task: student)
+            ev, eval_eps = evaluate_alone(dict.fromkeys(args.tasks, student))
             run.log(completed, {"eval": ev}, f"eval after {completed} iterations: held-out success {summary(ev)} (mean "
                     f"{ev['success_rate']:.2f}, min {ev['min_success_rate']:.2f})",
                     [(f"eval/{task_label(ep.task)}/trajectory", ep) for ep in eval_eps])

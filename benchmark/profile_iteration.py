@@ -90,7 +90,7 @@ def install(timers: Timers) -> None:
     patch(torch.Tensor, "backward", "training: backward")
     patch(torch.nn.utils, "clip_grad_norm_", "training: gradient clipping")
     patch(torch.optim.AdamW, "step", "training: optimizer step")
-    patch(runs.Run, "evaluate", EVAL)
+    patch(runs.Run, "evaluate_tasks", EVAL)  # Run.evaluate plays through it
     patch(runs.Run, "log_iteration", "logging (tensorboard, stdout)")
     patch(runs.Run, "log", "logging (tensorboard, stdout)")
     patch(runs.Run, "save", SAVE)

@@ -133,9 +133,15 @@ class Run:
     def evaluate(self, model, play, pool: list) -> tuple[dict[str, float], list[Episode]]:
         """`model` alone on held-out seeds 0..--eval-episodes-1 (`evaluate` below), its FSDP parameters gathered:
         `play(envs, seeds, sampler)`, with a sampler seeded from --seed and the rank (the same at every call)."""
+        return self.evaluate_tasks(model, lambda envs, seeds, tasks, sampler: play(envs, seeds, sampler), {None: pool})[None]
+
+    def evaluate_tasks(self, model, play, pools: dict) -> dict:
+        """The same on several tasks in one batch (`evaluate_tasks` below): `play(envs, seeds, tasks, sampler)`;
+        the rates and episodes by task."""
         sampler = torch.Generator(device=self.device).manual_seed(self.args.seed + 12345 + self.rank)
         with gathered(model):
-            return evaluate(lambda p, s: play(p, s, sampler), pool, self.args.eval_episodes, self.rank, self.world)
+            return evaluate_tasks(lambda envs, seeds, tasks: play(envs, seeds, tasks, sampler), pools,
+                                  self.args.eval_episodes, self.rank, self.world)
 
     def due(self, completed: int, interval: int) -> bool:
         """An evaluation or a checkpoint after `completed` iterations: every `interval`, and at the end."""
@@ -270,20 +276,38 @@ def eval_batch(args, world: int, real: int) -> int:
 
 
 def evaluate(play, pool: list, n_episodes: int, rank: int, world: int) -> tuple[dict[str, float], list[Episode]]:
-    """Play held-out seeds 0..n_episodes-1, split over ranks, `len(pool)` episodes at a time, with
-    `play(envs, seeds) -> episodes`; returns the rates over every rank's episodes and this rank's episodes.
-    Every rank plays as many rounds (FSDP: the same number of forward passes), a rank without seeds left
-    plays an empty round. An episode whose env failed is dropped from both (logged in one line), and counted
-    (`env_failures`, every rank's)."""
+    """`evaluate_tasks` with one task: `play(envs, seeds) -> episodes`; returns its rates and episodes."""
+    return evaluate_tasks(lambda envs, seeds, tasks: play(envs, seeds), {None: pool}, n_episodes, rank, world)[None]
+
+
+def evaluate_tasks(play, pools: dict, n_episodes: int, rank: int, world: int) -> dict:
+    """Play held-out seeds 0..n_episodes-1 of every task of `pools` (its envs by task), the seeds split over ranks,
+    `len(envs)` episodes of every task at a time, all tasks in the same batch: `play(envs, seeds, tasks) ->
+    episodes` (one per env, in order). Returns, by task, the rates over every rank's episodes and this rank's
+    episodes. Every rank plays as many rounds (FSDP: the same number of forward passes), a rank without seeds
+    left plays an empty round. An episode whose env failed is dropped from both (logged in one line), and
+    counted (`env_failures`, every rank's)."""
     seeds = list(range(rank, n_episodes, world))
-    episodes = []
-    for k in range(all_max(math.ceil(len(seeds) / len(pool)))):
-        chunk = seeds[k * len(pool):(k + 1) * len(pool)]
-        episodes += play(pool[:len(chunk)], chunk)
-    report_failures(episodes, "evaluation", rank, world)
-    kept = [ep for ep in episodes if not ep.error]
-    sums = all_sum({**episode_sums(kept), "env_failures": len(episodes) - len(kept)})
-    return {**episode_means(sums), "env_failures": sums["env_failures"]}, kept
+    size = min(len(pool) for pool in pools.values())
+    episodes = {task: [] for task in pools}
+    for k in range(all_max(math.ceil(len(seeds) / size))):
+        chunk = seeds[k * size:(k + 1) * size]
+        played = iter(play([env for pool in pools.values() for env in pool[:len(chunk)]], chunk * len(pools),
+                           [task for task in pools for _ in chunk]))
+        for task in pools:
+            episodes[task] += [next(played) for _ in chunk]
+    sums = {}
+    for i, (task, eps) in enumerate(episodes.items()):
+        report_failures(eps, "evaluation", rank, world)
+        kept = [ep for ep in eps if not ep.error]
+        sums.update({f"{i}/{k}": v for k, v in {**episode_sums(kept), "env_failures": len(eps) - len(kept)}.items()})
+        episodes[task] = kept
+    sums = all_sum(sums)
+    out = {}
+    for i, task in enumerate(pools):
+        mine = {k[len(f"{i}/"):]: v for k, v in sums.items() if k.startswith(f"{i}/")}
+        out[task] = ({**episode_means(mine), "env_failures": mine["env_failures"]}, episodes[task])
+    return out
 
 
 def report_failures(episodes: list[Episode], where: str, rank: int, world: int) -> None:

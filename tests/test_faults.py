@@ -25,7 +25,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 import envs
 from common import checkpoint
 from common.episode import Episode, start_episodes, step_envs
-from common.runs import Run, evaluate
+from common.runs import Run, evaluate, evaluate_tasks
 
 from end_to_end import ROOT, assert_same_run, command, final_weights, run_script, scalars
 
@@ -225,6 +225,28 @@ def test_evaluation_drops_failed_episodes_from_the_rates_and_counts_them(capsys)
     assert [ep.seed for ep in kept] == [1, 2, 3] and rates["env_failures"] == 1
     assert rates["success_rate"] == pytest.approx(2 / 3)  # over the 3 episodes played to their end
     assert "evaluation: dropped episode 0 of twx:coin, its env failed: died" in capsys.readouterr().out
+
+
+
+def test_several_tasks_are_evaluated_in_one_batch_each_with_its_own_rates(capsys):
+    """evaluate_tasks (mopd.py's domains, two_phase.py's tasks): every round is one call with every task's envs,
+    and each task gets the rates and episodes it gets evaluated alone (a failed env dropped from its own task)."""
+    calls = []
+
+    def play(pool, seeds, tasks):
+        calls.append((list(pool), list(seeds), list(tasks)))
+        return [Episode(ids=[1], loss_mask=[0], turn_id=[-1], role=[0], task=t, seed=s, success=(s + len(t)) % 3 == 0,
+                        turns=s + len(t), error="died" if (t, s) == ("bb", 2) else "") for s, t in zip(seeds, tasks)]
+
+    pools = {"a": ["a0", "a1", "a2"], "bb": ["b0", "b1", "b2"]}
+    together = evaluate_tasks(play, pools, 5, 0, 1)
+    assert calls == [(["a0", "a1", "a2", "b0", "b1", "b2"], [0, 1, 2] * 2, ["a"] * 3 + ["bb"] * 3),
+                     (["a0", "a1", "b0", "b1"], [3, 4] * 2, ["a", "a", "bb", "bb"])]  # 5 seeds, 3 at a time
+    for task, pool in pools.items():
+        alone = evaluate(lambda p, s: play(p, s, [task] * len(s)), pool, 5, 0, 1)
+        assert together[task] == alone
+    assert together["a"][0]["success_rate"] == pytest.approx(1 / 5) and together["bb"][0]["env_failures"] == 1
+    assert together["bb"][0]["success_rate"] == pytest.approx(2 / 4)  # seeds 0, 1, 3, 4 (2 dropped): 1 and 4
 
 
 # ---------------------------------------------------------------------------------------- end to end
