@@ -226,16 +226,13 @@ def rollout(student, tokenizer, pool, seeds, args: Args, block_seeds: list[int],
     for turn in range(max_turns):
         if all_max(len(active)) == 0:  # FSDP: every rank runs the same generate calls, so all stop together
             break
-        replies = {}
-        for b, block_seed in enumerate(block_seeds):
-            rows = [i for i in active if i // block == b]
-            if all_max(len(rows)) == 0:
-                continue
-            sampler = torch.Generator(device=device).manual_seed(block_seed * 1009 + turn)
-            outs = generate_replies(student, tokenizer, [episodes[i].ids for i in rows], args.max_new_tokens,
-                                    temperature, generator=sampler,
-                                    caches=[caches[i] for i in rows] if args.cache_turns else None)
-            replies.update(zip(rows, outs))
+        # each block (a group's episodes) samples with its own generator: the replies do not depend on how the
+        # blocks are split over ranks; the blocks are sampled together, in one batched call
+        samplers = [torch.Generator(device=device).manual_seed(block_seed * 1009 + turn) for block_seed in block_seeds]
+        outs = generate_replies(student, tokenizer, [episodes[i].ids for i in active], args.max_new_tokens, temperature,
+                                generator=[samplers[i // block] for i in active],
+                                caches=[caches[i] for i in active] if args.cache_turns else None)
+        replies = dict(zip(active, outs))
         texts = [tokenizer.decode(replies[i], skip_special_tokens=True) for i in active]
         steps = step_envs(pool, episodes, active, texts)
         still_playing = []

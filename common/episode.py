@@ -351,7 +351,13 @@ class _BufferLayer(DynamicLayer):
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
     """The next token of each row from its last logits: greedy at temperature 0, else sampled (nucleus
-    with top_p < 1), on the logits' device."""
+    with top_p < 1), on the logits' device. `generator`: one for every row, or groups [(rows, generator)]:
+    each group's rows sampled together with its own generator, as a batch of only those rows would be."""
+    if isinstance(generator, list):
+        nxt = torch.empty(len(logits), dtype=torch.long, device=logits.device)
+        for rows, gen in generator:
+            nxt[rows] = _sample(logits[rows], temperature, top_p, gen)
+        return nxt
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(-1)
@@ -442,7 +448,19 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
 
     `check_every`: how often (in tokens) the host checks whether every reply has ended; each check waits
     for the device (and, with several ranks, for the others), so on a GPU a few wasted steps are cheaper
-    than a check per token. Every rank of a run must pass the same value."""
+    than a check per token. Every rank of a run must pass the same value.
+
+    `generator` may be a list with one generator per prompt: the prompts that share one are a group, sampled
+    together with it at every step, so that each group's replies are those of a call with only its prompts
+    and that generator (without a BatchCache), up to float rounding; a group's generator may advance further
+    (the steps after its replies ended). One batched call instead of one per group."""
+    if isinstance(generator, list):  # one per prompt: the rows of each distinct generator form a group
+        rows = [s.row for s in caches] if caches and isinstance(caches[0], _Slot) else range(len(prompts))
+        groups = {}
+        for r, g in zip(rows, generator):
+            groups.setdefault(id(g), (g, []))[1].append(r)
+        generator = ([(torch.tensor(r), g) for g, r in groups.values()]  # (no prompt: the empty turn's own)
+                     or [(torch.tensor([0]), torch.Generator(next(model.parameters()).device))])
     if caches and isinstance(caches[0], _Slot):
         return _generate_in_place(model, tokenizer, prompts, caches, max_new_tokens, temperature, top_p, generator,
                                   check_every)

@@ -77,6 +77,37 @@ def test_cached_turns_equal_uncached_turns(kind):
         assert caches.real.sum(1).tolist() == caches.n and caches.n[1] == 0
 
 
+
+@pytest.mark.parametrize("kind", ["none", "episode", "batch"])
+def test_groups_with_their_own_generators_sample_as_their_own_calls(kind):
+    """One generator per prompt (atod.py: a group's episodes share one): one batched call gives each group the
+    replies of a call with only its prompts and its generator, sampled at temperature 1 over several turns."""
+    tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
+    eot = end_of_turn_id(tok)
+    model = _model_that_sometimes_stops(len(tok), eot)
+    rng = random.Random(1)
+    words = ["you", "see", "a", "coin", "door", "north", "kitchen", "take", "the", "open"]
+    groups = [[0, 1], [2, 3, 4], [5]]
+    episodes = [Episode.start(tok, "Play the game.", " ".join(rng.choices(words, k=rng.randint(2, 30)))) for _ in range(6)]
+    caches = {"none": None, "episode": [TurnCache() for _ in episodes], "batch": BatchCache(len(episodes))}[kind]
+    lengths = set()
+    for turn in range(3):
+        alone = {}
+        for g, rows in enumerate(groups):  # each group alone, its generator seeded by (group, turn)
+            gen = torch.Generator().manual_seed(100 * g + turn)
+            alone.update(zip(rows, generate_replies(model, tok, [episodes[i].ids for i in rows], 6, 1.0, generator=gen)))
+        gens = [torch.Generator().manual_seed(100 * g + turn) for g in range(len(groups))]
+        together = generate_replies(model, tok, [ep.ids for ep in episodes], 6, 1.0,
+                                    generator=[gens[g] for g, rows in enumerate(groups) for _ in rows],
+                                    caches=None if caches is None else [caches[i] for i in range(len(episodes))])
+        assert together == [alone[i] for i in range(len(episodes))]
+        for ep, reply in zip(episodes, together):
+            lengths.add(len(reply))
+            ep.append_reply(reply, STUDENT, eot)
+            ep.append_observation(tok, " ".join(rng.choices(words, k=rng.randint(1, 20))))
+    assert len(lengths) > 2  # replies of several lengths: groups that end at different steps
+
+
 def test_prompt_that_does_not_extend_its_cache_is_refused():
     tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
     eot = end_of_turn_id(tok)
