@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -513,7 +514,7 @@ def _sft_step(model, opt, episodes: list[Episode], pad_id: int) -> torch.Tensor:
 def train_able(model, episodes: dict[str, list[Episode]], validate, r: Recipe, pad_id: int, seed: int, log) -> dict:
     """Make a novice able: supervised steps on each game's oracle episodes, round-robin over the games still in
     the mix (one game a batch), AdamW at `able_lr` after a short warmup. Every `able_val_every` steps every
-    game is validated (`validate(model, game)` -> success rate): a game at `able_target` or above is out of
+    game is validated (`validate(model)` -> {game: success rate}): a game at `able_target` or above is out of
     the mix, one below it (again) is in; training stops when all are at the target together. So each game
     stops near the weak-but-able level instead of at the ceiling (its skill comes as a jump: a fixed step
     count lands before or far past it). Returns {game: (validation success, steps it trained)}."""
@@ -536,7 +537,8 @@ def train_able(model, episodes: dict[str, list[Episode]], validate, r: Recipe, p
             # every game is validated, not only those in the mix: training on the others can make a game that
             # left forget (coin fell from 0.33 to 0.00 that way), and then it comes back into the mix
             model.eval()
-            reached = {g: (validate(model, g), trained[g]) for g in episodes}
+            rates = validate(model)
+            reached = {g: (rates[g], trained[g]) for g in episodes}
             active = [g for g in episodes if reached[g][0] < r.able_target]
             model.train()
             bar.set_postfix(loss=f"{loss.item():.3f}", val=" ".join(f"{g}={v:.2f}" for g, (v, _) in reached.items()))
@@ -603,7 +605,11 @@ def env_pool(spec: str, split: str, n: int) -> list:
     return pool[:n]
 
 
-def close_env_pools() -> None:
+def close_pools() -> None:
+    """Close this process's env pools and stop its evaluation helper (at the end of each model's build)."""
+    for helper in _HELPERS.values():
+        helper.stop()
+    _HELPERS.clear()
     for pool in _POOLS.values():
         for env in pool:
             env.close()
@@ -611,39 +617,146 @@ def close_env_pools() -> None:
 
 
 @torch.no_grad()
+def _play(model, tokenizer, spec: str, seeds: list[int], split: str, max_turns: int, max_new_tokens: int,
+          cache: bool) -> list[Episode]:
+    """Greedy rollouts of `seeds` as one batch, one env each (key/value caches kept across turns)."""
+    eot = end_of_turn_id(tokenizer)
+    pool = env_pool(spec, split, len(seeds))
+    eps, caches = [], [TurnCache() for _ in seeds]
+    for env, seed in zip(pool, seeds):
+        obs, info = env.reset(seed)
+        eps.append(Episode.start(tokenizer, env.system_prompt(), obs))
+    active = list(range(len(seeds)))
+    for _ in range(max_turns):
+        if not active:
+            break
+        replies = generate_replies(model, tokenizer, [eps[i].ids for i in active], max_new_tokens, 0.0,
+                                   caches=[caches[i] for i in active] if cache else None)
+        still = []
+        for i, ids in zip(active, replies):
+            eps[i].append_reply(ids, STUDENT, eot)
+            obs, _, done, info = pool[i].step(tokenizer.decode(ids, skip_special_tokens=True))
+            eps[i].success, eps[i].score = info["success"], info["score"]
+            if not done:
+                eps[i].append_observation(tokenizer, obs)
+                still.append(i)
+        active = still
+    return eps
+
+
+class _Helper:
+    """A worker process that plays evaluation batches for this one (`_play_batches`), with its own env pools.
+    Validation is most of a model's build (the able student's 15 validations of 3 x 40 episodes: about 100 of
+    its 157 s) and its batches are independent; on a first run the expert's build ends long before the
+    student's, and its core then plays half of each validation. The helper gets the model's weights with each request and
+    plays with the caller's thread count, so its episodes are those this process would play (one thread:
+    the build's weights depend on its validations)."""
+
+    def __init__(self, tokenizer_path: str):
+        import multiprocessing
+
+        self.conn, child = multiprocessing.Pipe()
+        self.process = multiprocessing.get_context("spawn").Process(target=_helper_main, args=(child, tokenizer_path),
+                                                                    daemon=True)
+        self.process.start()
+        child.close()
+
+    def send(self, model, batches: list[tuple], play_args: tuple) -> None:
+        weights = io.BytesIO()
+        torch.save(model.state_dict(), weights)
+        self.conn.send((model.config, weights.getvalue(), torch.get_num_threads(), batches, play_args))
+
+    def receive(self) -> list[list[Episode]]:
+        try:
+            out = self.conn.recv()
+        except EOFError:
+            raise RuntimeError("the tiny build's evaluation helper process died (see its error above)") from None
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def _helper_main(conn, tokenizer_path: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(tokenizer_path), None
+    try:
+        while (request := conn.recv()) is not None:
+            config, weights, threads, batches, play_args = request
+            try:
+                if model is None or model.config.to_dict() != config.to_dict():
+                    model = AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
+                model.load_state_dict(torch.load(io.BytesIO(weights)))
+                model.eval()
+                with _threads(threads):
+                    conn.send([_play(model, tokenizer, spec, seeds, *play_args) for spec, seeds in batches])
+            except Exception as e:  # back to the caller, which raises it (as a picklable error)
+                conn.send(RuntimeError(f"in the tiny build's evaluation helper: {type(e).__name__}: {e}"))
+    except (EOFError, KeyboardInterrupt):  # the caller is gone
+        pass
+    finally:
+        close_pools()
+
+
+_HELPERS: dict[str, _Helper] = {}  # tokenizer path -> this process's helper
+HELPERS = True  # False: every evaluation batch in the calling process (the same episodes, one core)
+
+
+def _play_batches(model, tokenizer, batches: list[tuple[str, list[int]]], *play_args) -> list[list[Episode]]:
+    """`_play` on each (spec, seeds) batch. With several batches and more than one core, a helper process
+    plays some of them (the largest first, each to the side with fewer seeds so far) while this one plays the
+    rest: the same episodes as playing them all here, in about half the time when a core is free."""
+    path = getattr(tokenizer, "name_or_path", "")
+    if len(batches) < 2 or not HELPERS or (os.cpu_count() or 1) < 2 or not os.path.isdir(path):
+        return [_play(model, tokenizer, spec, seeds, *play_args) for spec, seeds in batches]
+    if path not in _HELPERS:
+        _HELPERS[path] = _Helper(path)
+    helper = _HELPERS[path]
+    shares, load = ([], []), [0, 0]
+    for k in sorted(range(len(batches)), key=lambda k: -len(batches[k][1])):
+        side = load.index(min(load))
+        shares[side].append(k)
+        load[side] += len(batches[k][1])
+    helper.send(model, [batches[k] for k in shares[1]], play_args)
+    try:
+        out = {k: _play(model, tokenizer, *batches[k], *play_args) for k in shares[0]}
+        out.update(zip(shares[1], helper.receive()))
+    except BaseException:  # its answer would be out of step with the next request: a new helper next time
+        _HELPERS.pop(path).stop()
+        raise
+    return [out[k] for k in range(len(batches))]
+
+
+def evaluate_games(model, tokenizer, specs: list[str], seeds, max_turns: int, split: str = "heldout", batch: int = 25,
+                   max_new_tokens: int = 24, cache: bool = True) -> list[dict]:
+    """Greedy rollouts of `seeds` on each env spec, `batch` episodes at a time; for each spec its success
+    rate, score and mean turns."""
+    seeds = list(seeds)
+    owner = [j for j in range(len(specs)) for _ in range(0, len(seeds), batch)]  # each batch's spec
+    batches = [(spec, seeds[i:i + batch]) for spec in specs for i in range(0, len(seeds), batch)]
+    played = _play_batches(model, tokenizer, batches, split, max_turns, max_new_tokens, cache)
+    out = []
+    for j in range(len(specs)):
+        results = [e for k, eps in enumerate(played) if owner[k] == j for e in eps]
+        n = len(results)
+        out.append({"success_rate": sum(e.success for e in results) / n, "score": sum(e.score for e in results) / n,
+                    "episode_turns": sum(e.turns for e in results) / n})
+    return out
+
+
 def evaluate(model, tokenizer, spec: str, seeds, max_turns: int, split: str = "heldout", batch: int = 25,
              max_new_tokens: int = 24, cache: bool = True) -> dict:
-    """Greedy batched rollouts on `seeds` (key/value caches kept across turns); returns success rate,
-    score and mean turns."""
-    eot = end_of_turn_id(tokenizer)
-    results = []
-    seeds = list(seeds)
-    pool = env_pool(spec, split, min(batch, len(seeds)))
-    for start in range(0, len(seeds), batch):
-        chunk = seeds[start:start + batch]
-        eps, caches = [], [TurnCache() for _ in chunk]
-        for env, seed in zip(pool, chunk):
-            obs, info = env.reset(seed)
-            eps.append(Episode.start(tokenizer, env.system_prompt(), obs))
-        active = list(range(len(chunk)))
-        for _ in range(max_turns):
-            if not active:
-                break
-            replies = generate_replies(model, tokenizer, [eps[i].ids for i in active], max_new_tokens, 0.0,
-                                       caches=[caches[i] for i in active] if cache else None)
-            still = []
-            for i, ids in zip(active, replies):
-                eps[i].append_reply(ids, STUDENT, eot)
-                obs, _, done, info = pool[i].step(tokenizer.decode(ids, skip_special_tokens=True))
-                eps[i].success, eps[i].score = info["success"], info["score"]
-                if not done:
-                    eps[i].append_observation(tokenizer, obs)
-                    still.append(i)
-            active = still
-        results += eps
-    n = len(results)
-    return {"success_rate": sum(e.success for e in results) / n, "score": sum(e.score for e in results) / n,
-            "episode_turns": sum(e.turns for e in results) / n}
+    """`evaluate_games` on one env spec."""
+    return evaluate_games(model, tokenizer, [spec], seeds, max_turns, split, batch, max_new_tokens, cache)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -724,7 +837,7 @@ def _build_expert(r: Recipe, k: int, tokenizer, log) -> None:
             break
     model = best[1]
     ev = evaluate(model, tokenizer, spec, range(r.eval_episodes), r.max_turns, batch=r.eval_batch)
-    close_env_pools()
+    close_pools()
     _save_atomic(model, tokenizer, artefact_dir(r, f"expert-{game}"),
                  {"game": game, "env": spec, "init": init, "heldout": ev, "train_seconds": time.time() - t0})
     log(f"[tiny] expert {game}: held-out success {ev['success_rate']:.2f} ({time.time() - t0:.0f}s)")
@@ -743,10 +856,13 @@ def _build_able_student(r: Recipe, tokenizer, log) -> None:
         episodes[game] = [render(tokenizer, t) for t in trajs if t.success] or [render(tokenizer, t) for t in trajs]
         specs[game] = spec
     val_seeds = range(r.val_first_seed, r.val_first_seed + r.able_val_episodes)
-    reached = train_able(model, episodes, lambda m, g: evaluate(m, tokenizer, specs[g], val_seeds, r.max_turns,
-                                                                   r.val_split, r.eval_batch)["success_rate"],
-                         r, tokenizer.pad_token_id, r.seed + 200, log)
-    close_env_pools()
+
+    def validate(m):  # every game at once: its batches are shared with the helper process
+        rates = evaluate_games(m, tokenizer, list(specs.values()), val_seeds, r.max_turns, r.val_split, r.eval_batch)
+        return {g: rate["success_rate"] for g, rate in zip(specs, rates)}
+
+    reached = train_able(model, episodes, validate, r, tokenizer.pad_token_id, r.seed + 200, log)
+    close_pools()
     _save_atomic(model, tokenizer, artefact_dir(r, "student"),
                  {"init": "student-novice", "validation": {g: {"success_rate": v, "steps": n} for g, (v, n) in reached.items()},
                   "train_seconds": time.time() - t0})
@@ -783,9 +899,10 @@ def _heldout(r: Recipe, what: str, tokenizer) -> dict:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path).eval()
-        info["heldout"] = {game: evaluate(model, tokenizer, spec, range(r.eval_episodes), r.max_turns, batch=r.eval_batch)
-                           for game, spec, _, _ in r.games}
-        close_env_pools()
+        rates = evaluate_games(model, tokenizer, [spec for _, spec, _, _ in r.games], range(r.eval_episodes),
+                               r.max_turns, batch=r.eval_batch)
+        info["heldout"] = {game: rate for (game, _, _, _), rate in zip(r.games, rates)}
+        close_pools()
         with open(os.path.join(path, "tiny.json"), "w") as f:
             json.dump(info, f, indent=1)
     return info["heldout"] if not what.startswith("expert-") else {what[len("expert-"):]: info["heldout"]}
@@ -819,10 +936,10 @@ def _built(r: Recipe, what: str) -> bool:
     return os.path.exists(os.path.join(artefact_dir(r, what), "config.json"))
 
 
-def _build_worker(r: Recipe, what: str, verbose: bool) -> None:
-    """One artefact, in a worker process of `build`."""
-    global _QUIET_BARS
-    _QUIET_BARS = True
+def _build_worker(r: Recipe, what: str, verbose: bool, helpers: bool = True) -> None:
+    """One artefact, in a worker process of `build` (with the caller's choice of evaluation helpers)."""
+    global _QUIET_BARS, HELPERS
+    _QUIET_BARS, HELPERS = True, helpers
     build(r, verbose=verbose, only=[what], table=False, jobs=1)
 
 
@@ -855,7 +972,7 @@ def build(r: Recipe | None = None, verbose: bool = True, only: list[str] | None 
 
         log(f"[tiny] building {', '.join(missing)} in {jobs} processes")
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for done in [pool.submit(_build_worker, r, what, verbose) for what in missing]:
+            for done in [pool.submit(_build_worker, r, what, verbose, HELPERS) for what in missing]:
                 done.result()
     with _threads(BUILD_THREADS):
         for what in wanted:

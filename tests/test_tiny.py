@@ -71,7 +71,8 @@ _BUILD = """
 import dataclasses, hashlib, sys
 from common import tiny
 r = dataclasses.replace(tiny.SMOKE, games=(("simonsays", "twx:simonsays", 20, 5e-3),), student_steps=5, able_steps=5,
-                        able_val_every=2)
+                        able_val_every=2, eval_batch=1)  # every evaluation in several batches: the helper plays some
+tiny.HELPERS = sys.argv[2] == "1"
 tiny.build(r, verbose=False, jobs=int(sys.argv[1]))
 h = hashlib.sha1()
 for what in ("tokenizer", "expert-simonsays", "student-novice", "student"):
@@ -87,13 +88,13 @@ print(h.hexdigest())
 
 def test_build_is_deterministic_across_processes_threads_and_workers(tmp_path):
     """Two processes with different hash seeds (Python's set and dict orders), thread counts (the build trains
-    with one thread whatever the machine has) and build workers (one model after the other, or side by side in
-    two processes) build the same bytes."""
+    with one thread whatever the machine has), build workers (one model after the other, or side by side in
+    two processes) and evaluation helpers (none, or one per build process) build the same bytes."""
     digests = []
-    for k, (hashseed, threads, jobs) in enumerate((("1", "1", "1"), ("12345", "2", "2"))):
+    for k, (hashseed, threads, jobs, helpers) in enumerate((("1", "1", "1", "0"), ("12345", "2", "2", "1"))):
         env = dict(os.environ, AGENT_DISTILL_CACHE=str(tmp_path / str(k)), PYTHONHASHSEED=hashseed,
                    PYTHONPATH=ROOT, OMP_NUM_THREADS=threads)
-        out = subprocess.run([sys.executable, "-c", _BUILD, jobs], env=env, capture_output=True, text=True, timeout=600)
+        out = subprocess.run([sys.executable, "-c", _BUILD, jobs, helpers], env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         digests.append(out.stdout.strip().splitlines()[-1])
     assert digests[0] == digests[1]
@@ -104,7 +105,7 @@ def test_a_run_builds_its_missing_models_side_by_side(tmp_path, monkeypatch):
     each once, and their threads are the build's, not the caller's."""
     monkeypatch.setenv("AGENT_DISTILL_CACHE", str(tmp_path))
     calls = []
-    monkeypatch.setattr(tiny, "_build_worker", lambda r, what, verbose: calls.append(what))
+    monkeypatch.setattr(tiny, "_build_worker", lambda r, what, verbose, helpers: calls.append(what))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
 
     class Pool:  # the worker pool, in this process, recording what it is asked
@@ -191,14 +192,14 @@ def test_the_default_student_is_the_novice_made_able():
 
 
 class _Scripted:
-    """A validation that returns scripted success rates per game, one per call, and records the calls."""
+    """A validation that returns scripted success rates of every game, one per game and call, and counts the calls."""
 
     def __init__(self, rates):
-        self.rates, self.calls = {g: list(v) for g, v in rates.items()}, []
+        self.rates, self.calls = {g: list(v) for g, v in rates.items()}, 0
 
-    def __call__(self, model, game):
-        self.calls.append(game)
-        return self.rates[game].pop(0)
+    def __call__(self, model):
+        self.calls += 1
+        return {g: v.pop(0) for g, v in self.rates.items()}
 
 
 def test_train_able_keeps_each_game_near_the_target():
@@ -214,4 +215,50 @@ def test_train_able_keeps_each_game_near_the_target():
     reached = tiny.train_able(model, episodes, val, r, tok.pad_token_id, 0, lambda *a: None)
     # steps 1-4: a, b, a, b; 5-8: b only (a at 0.5); 9-12: a, b (a forgot); 13-16: b only; stop at 16 (both at 0.2+)
     assert reached == {"a": (0.3, 2 + 2), "b": (0.2, 2 + 4 + 2 + 4)}
-    assert val.calls == ["a", "b"] * 4
+    assert val.calls == 4
+
+
+def test_the_helper_process_plays_the_batches_as_this_process_would(monkeypatch):
+    """Evaluation batches shared with the build's helper process come back as this process would play them (the
+    same replies, ends and scores, in the batches' order) and with the weights of the moment: the helper plays
+    with the model as it is at the call, not as it was at its first."""
+    tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
+    model = AutoModelForCausalLM.from_pretrained(tiny.model_path("tiny-expert:simonsays")).eval()
+    specs = [g[1] for g in tiny.recipe().games[:2]]
+    batches = [(specs[0], [0, 1, 2]), (specs[1], [3, 4]), (specs[0], [5]), (specs[1], [6, 7, 8, 9])]
+    play_args = ("heldout", 6, 24, True)
+    record = lambda played: [[(e.ids, e.success, e.score, e.turns) for e in eps] for eps in played]
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    here, calls = [], []
+    play = tiny._play
+    monkeypatch.setattr(tiny, "_play", lambda m, t, spec, seeds, *a: calls.append(seeds) or play(m, t, spec, seeds, *a))
+    try:
+        for step in range(2):  # the second time with other weights
+            here.append(record(play(model, tok, spec, seeds, *play_args) for spec, seeds in batches))
+            calls.clear()
+            shared = record(tiny._play_batches(model, tok, batches, *play_args))
+            # here the largest batch (4 seeds) and the last (1), the helper the other two (3 + 2)
+            assert sorted(calls) == [[5], [6, 7, 8, 9]]
+            assert shared == here[-1]
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(0.5)
+        assert here[0] != here[1]  # the changed weights play other episodes
+        assert len({len(e[0]) for eps in here[0] for e in eps}) > 1  # varied episodes, not all alike
+    finally:
+        tiny.close_pools()
+    assert not tiny._HELPERS and not tiny._POOLS
+
+
+def test_evaluate_games_matches_one_game_at_a_time():
+    """evaluate_games on several games gives each game what evaluate gives it alone (batches of `batch` seeds)."""
+    tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
+    model = AutoModelForCausalLM.from_pretrained(tiny.model_path("tiny-expert:coin")).eval()
+    specs = [g[1] for g in tiny.recipe().games]
+    try:
+        together = tiny.evaluate_games(model, tok, specs, range(5), 6, batch=2)
+        alone = [tiny.evaluate(model, tok, spec, range(5), 6, batch=2) for spec in specs]
+    finally:
+        tiny.close_pools()
+    assert together == alone
+    assert len({(r["score"], r["episode_turns"]) for r in alone}) > 1
