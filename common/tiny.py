@@ -16,7 +16,8 @@ in minutes on a CPU. So every script's defaults run a real, small version of the
   smaller novice.
 
 Everything is deterministic from the recipe's seed (each model trains with one thread, so the weights do not
-depend on the machine's core count) and cached under `$AGENT_DISTILL_CACHE` (default
+depend on the machine's core count; independent models build in parallel processes, and each process shares its
+validation episodes with a helper process that plays them as it would) and cached under `$AGENT_DISTILL_CACHE` (default
 `~/.cache/agent-distill`) in a folder named by a hash of the recipe, so a changed recipe rebuilds.
 `python -m common.tiny` builds it all and prints held-out success of every expert and of the student.
 `AGENT_DISTILL_TINY=smoke` selects a seconds-long recipe whose models are untrained (for tests).
