@@ -606,15 +606,21 @@ def env_pool(spec: str, split: str, n: int) -> list:
     return pool[:n]
 
 
-def close_pools() -> None:
-    """Close this process's env pools and stop its evaluation helper (at the end of each model's build)."""
-    for helper in _HELPERS.values():
-        helper.stop()
-    _HELPERS.clear()
+def close_env_pools() -> None:
+    """Close this process's env pools (at the end of each model's build)."""
     for pool in _POOLS.values():
         for env in pool:
             env.close()
     _POOLS.clear()
+
+
+def close_pools() -> None:
+    """Stop this process's evaluation helper (with its env pools) and close its own env pools (at the end of
+    `build`)."""
+    for helper in _HELPERS.values():
+        helper.stop()
+    _HELPERS.clear()
+    close_env_pools()
 
 
 @torch.no_grad()
@@ -646,7 +652,8 @@ def _play(model, tokenizer, spec: str, seeds: list[int], split: str, max_turns: 
 
 
 class _Helper:
-    """A worker process that plays evaluation batches for this one (`_play_batches`), with its own env pools.
+    """A worker process that plays evaluation batches for this one (`_play_batches`), with its own env pools,
+    started at the first evaluation of more than one batch and stopped at the end of `build` (`close_pools`).
     Validation is most of a model's build (the able student's 15 validations of 3 x 40 episodes: about 100 of
     its 157 s) and its batches are independent; on a first run the expert's build ends long before the
     student's, and its core then plays half of each validation. The helper gets the model's weights with each request and
@@ -838,7 +845,7 @@ def _build_expert(r: Recipe, k: int, tokenizer, log) -> None:
             break
     model = best[1]
     ev = evaluate(model, tokenizer, spec, range(r.eval_episodes), r.max_turns, batch=r.eval_batch)
-    close_pools()
+    close_env_pools()
     _save_atomic(model, tokenizer, artefact_dir(r, f"expert-{game}"),
                  {"game": game, "env": spec, "init": init, "heldout": ev, "train_seconds": time.time() - t0})
     log(f"[tiny] expert {game}: held-out success {ev['success_rate']:.2f} ({time.time() - t0:.0f}s)")
@@ -863,7 +870,7 @@ def _build_able_student(r: Recipe, tokenizer, log) -> None:
         return {g: rate["success_rate"] for g, rate in zip(specs, rates)}
 
     reached = train_able(model, episodes, validate, r, tokenizer.pad_token_id, r.seed + 200, log)
-    close_pools()
+    close_env_pools()
     _save_atomic(model, tokenizer, artefact_dir(r, "student"),
                  {"init": "student-novice", "validation": {g: {"success_rate": v, "steps": n} for g, (v, n) in reached.items()},
                   "train_seconds": time.time() - t0})
@@ -903,7 +910,7 @@ def _heldout(r: Recipe, what: str, tokenizer) -> dict:
         rates = evaluate_games(model, tokenizer, [spec for _, spec, _, _ in r.games], range(r.eval_episodes),
                                r.max_turns, batch=r.eval_batch)
         info["heldout"] = {game: rate for (game, _, _, _), rate in zip(r.games, rates)}
-        close_pools()
+        close_env_pools()
         with open(os.path.join(path, "tiny.json"), "w") as f:
             json.dump(info, f, indent=1)
     return info["heldout"] if not what.startswith("expert-") else {what[len("expert-"):]: info["heldout"]}
@@ -975,19 +982,23 @@ def build(r: Recipe | None = None, verbose: bool = True, only: list[str] | None 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             for done in [pool.submit(_build_worker, r, what, verbose, HELPERS) for what in missing]:
                 done.result()
-    with _threads(BUILD_THREADS):
-        for what in wanted:
-            with _lock(artefact_dir(r, what)):
-                if _built(r, what):
-                    continue
-                if what.startswith("expert-"):
-                    _build_expert(r, next(k for k, e in enumerate(r.experts()) if f"expert-{e[0]}" == what), tokenizer, log)
-                else:
-                    _build_student(r, what[len("student-"):] if what.startswith("student-") else "", tokenizer, log)
-        rows = {}
-        for what in wanted if table else ():
-            for game, ev in _heldout(r, what, tokenizer).items():
-                rows.setdefault(game, {})["teacher" if what.startswith("expert-") else what] = ev
+    try:
+        with _threads(BUILD_THREADS):
+            for what in wanted:
+                with _lock(artefact_dir(r, what)):
+                    if _built(r, what):
+                        continue
+                    if what.startswith("expert-"):
+                        _build_expert(r, next(k for k, e in enumerate(r.experts()) if f"expert-{e[0]}" == what),
+                                      tokenizer, log)
+                    else:
+                        _build_student(r, what[len("student-"):] if what.startswith("student-") else "", tokenizer, log)
+            rows = {}
+            for what in wanted if table else ():
+                for game, ev in _heldout(r, what, tokenizer).items():
+                    rows.setdefault(game, {})["teacher" if what.startswith("expert-") else what] = ev
+    finally:
+        close_pools()  # the evaluation helper served every model of this call
     return rows
 
 

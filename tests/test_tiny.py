@@ -250,8 +250,9 @@ def test_the_helper_process_plays_the_batches_as_this_process_would(monkeypatch)
     assert not tiny._HELPERS and not tiny._POOLS
 
 
-def test_evaluate_games_matches_one_game_at_a_time():
+def test_evaluate_games_matches_one_game_at_a_time(monkeypatch):
     """evaluate_games on several games gives each game what evaluate gives it alone (batches of `batch` seeds)."""
+    monkeypatch.setattr(tiny, "HELPERS", False)  # the helper has its own test
     tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
     model = AutoModelForCausalLM.from_pretrained(tiny.model_path("tiny-expert:coin")).eval()
     specs = [g[1] for g in tiny.recipe().games]
