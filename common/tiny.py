@@ -656,9 +656,9 @@ class _Helper:
     started at the first evaluation of more than one batch and stopped at the end of `build` (`close_pools`).
     Validation is most of a model's build (the able student's 15 validations of 3 x 40 episodes: about 100 of
     its 157 s) and its batches are independent; on a first run the expert's build ends long before the
-    student's, and its core then plays half of each validation. The helper gets the model's weights with each request and
-    plays with the caller's thread count, so its episodes are those this process would play (one thread:
-    the build's weights depend on its validations)."""
+    student's, and its core then plays half of each validation. The helper gets the model's weights with each
+    request and plays with the caller's thread count, so its episodes are those this process would play (one
+    thread: the build's weights depend on its validations)."""
 
     def __init__(self, tokenizer_path: str):
         import multiprocessing

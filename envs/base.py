@@ -146,6 +146,9 @@ class TextEnv(abc.ABC):
                                 f"implement _{name} instead")
         if "system_prompt" in vars(cls):
             cls.system_prompt = _after_reset(vars(cls)["system_prompt"])
+        if cls.game_process is not TextEnv.game_process and not hasattr(cls, "_restart"):
+            raise TypeError(f"{cls.__name__} has a game_process: implement _restart, which starts a new game process "
+                            "in place of one that died (reset calls it before _reset)")
 
     # -- the interface ---------------------------------------------------------------------------
     def reset(self, seed: int) -> tuple[str, dict]:
@@ -203,12 +206,10 @@ class TextEnv(abc.ABC):
         """The OS process the game runs in, when it has one of its own (JavaEnv's JVM), else None: the game
         runs inside this Python process and cannot die apart from it, as ALFWorld's PDDL engine, GEM's games
         and tau2's tools (Python) and WebShop's search engine (whose JVM pyjnius loads into this process) do.
-        A wrapper that returns a process implements `_restart`."""
+        A wrapper that returns a process implements `_restart(self)`, which starts a new game process in place
+        of one that died (`reset` calls it before `_reset`); a class that has one without the other fails
+        where it is defined."""
         return None
-
-    def _restart(self) -> None:
-        """Start a new game process in place of one that died (`reset` calls it before `_reset`)."""
-        raise NotImplementedError(f"{type(self).__name__} has a game_process but no _restart")
 
     def _process_death(self, error: Exception | None = None) -> str | None:
         """How the game's process ended ("killed by signal 9"), or None while it runs (or there is none).

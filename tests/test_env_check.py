@@ -412,3 +412,20 @@ def test_the_command_line_checker():
     out = subprocess.run([sys.executable, "-m", "envs.checker", "gem:chess"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 1 and "FAIL making the env raised EnvError: unknown env 'gem:chess'" in out.stdout
+
+
+def test_a_wrapper_with_a_game_process_but_no_restart_is_refused_when_defined():
+    """A game in a process of its own must say how to start a new one: the class fails where it is defined, not at
+    the first reset after its process died."""
+    with pytest.raises(TypeError) as e:
+        class NoRestart(TextEnv):  # noqa: F841
+            def game_process(self):
+                return None
+    assert "implement _restart" in str(e.value)
+
+    class WithRestart(TextEnv):  # noqa: F841  (a process and a way to restart it: accepted)
+        def game_process(self):
+            return None
+
+        def _restart(self):
+            pass

@@ -233,7 +233,7 @@ def test_the_helper_process_plays_the_batches_as_this_process_would(monkeypatch)
     play = tiny._play
     monkeypatch.setattr(tiny, "_play", lambda m, t, spec, seeds, *a: calls.append(seeds) or play(m, t, spec, seeds, *a))
     try:
-        for step in range(2):  # the second time with other weights
+        for _ in range(2):  # the second time with other weights
             here.append(record(play(model, tok, spec, seeds, *play_args) for spec, seeds in batches))
             calls.clear()
             shared = record(tiny._play_batches(model, tok, batches, *play_args))
