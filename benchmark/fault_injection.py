@@ -55,11 +55,15 @@ def descendants(pid: int, table: dict) -> list[int]:
     return found
 
 
+def game_jvms(pid: int, table: dict) -> list[int]:
+    """The game JVMs (py4j gateways: TextWorld-Express's, ScienceWorld's) below the process `pid` in `table`."""
+    return [p for p in descendants(pid, table) if b"py4j.GatewayServer" in table[p][1]]
+
+
 def busy_jvm(pid: int, wait: float = 0.3) -> int | None:
-    """A game JVM (a py4j gateway: TextWorld-Express's, ScienceWorld's) below the process `pid` that used the CPU
-    in the last `wait` seconds, or None."""
+    """A game JVM below the process `pid` that used the CPU in the last `wait` seconds, or None."""
     before = processes()
-    jvms = [p for p in descendants(pid, before) if b"py4j.GatewayServer" in before[p][1]]
+    jvms = game_jvms(pid, before)
     time.sleep(wait)
     after = processes()
     busy = [p for p in jvms if p in after and after[p][2] > before[p][2]]

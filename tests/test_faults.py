@@ -30,7 +30,7 @@ from common.runs import Run, evaluate, evaluate_tasks
 from end_to_end import ROOT, assert_same_run, command, final_weights, run_script, scalars
 
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
-from fault_injection import descendants, kill_busy_jvm, processes  # noqa: E402  (the JVMs of a run, from /proc)
+from fault_injection import descendants, game_jvms, kill_busy_jvm, processes  # noqa: E402  (the JVMs of a run, from /proc)
 
 OK_STEP = ("Nothing happens.", 0.0, False, {"success": False, "score": 0.0, "invalid": False})
 
@@ -292,15 +292,21 @@ class Started:
 
 
 def kill_jvms(started: Started, n: int, timeout=600) -> int:
-    """Kill a busy game JVM of the run, one an iteration, `n` times or until the run ends; how many were killed.
-    After a kill the next waits for the iteration's log line."""
+    """Kill a busy game JVM of the run `n` times, or until the run ends; how many were killed. Each kill but the
+    first waits until the previous one is over: its replacement JVM started, and an iteration logged after that
+    (a JVM busy between rollouts dies unnoticed until the next reset, so a kill that only waited for the next
+    iteration's line could hit that replacement during its replay, which the run then rightly drops)."""
     deadline, killed = time.time() + timeout, 0
     iterations = lambda: sum(bool(re.match(r"iter +\d+ ", line)) for line in list(started.out))  # noqa: E731
-    while killed < n and started.p.poll() is None and time.time() < deadline:
-        logged = iterations()
+    running = lambda: started.p.poll() is None and time.time() < deadline  # noqa: E731
+    while killed < n and running():
+        before = set(game_jvms(started.p.pid, processes()))
         if kill_busy_jvm(started.p.pid, timeout=5):
             killed += 1
-            while started.p.poll() is None and iterations() == logged and time.time() < deadline:
+            while running() and not set(game_jvms(started.p.pid, processes())) - before:
+                time.sleep(0.05)
+            logged = iterations()
+            while running() and iterations() == logged:
                 time.sleep(0.05)
     return killed
 
@@ -333,9 +339,8 @@ def kill_every_jvm_for(started: Started, seconds: float) -> int:
     the episodes in flight fail. Returns how many were killed."""
     killed, deadline = set(), time.time() + seconds
     while time.time() < deadline and started.p.poll() is None:
-        table = processes()
-        for p in descendants(started.p.pid, table):
-            if b"py4j.GatewayServer" in table[p][1] and p not in killed:
+        for p in game_jvms(started.p.pid, processes()):
+            if p not in killed:
                 try:
                     os.kill(p, signal.SIGKILL)
                     killed.add(p)
