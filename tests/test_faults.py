@@ -282,6 +282,11 @@ class Started:
             t.join(10)
         return code
 
+    def said(self) -> str:
+        """What the run said of its end, for a failed assertion: its stdout's last lines and its `error:` lines
+        (its stderr's last lines are often py4j's tracebacks of a killed JVM)."""
+        return "".join(self.out[-10:] + [line for line in self.err if line.startswith("error:")])
+
     def __del__(self):  # a test that failed midway: its processes go, torchrun's workers (sessions of their own) too
         if self.p.poll() is None:
             for pid in [self.p.pid, *descendants(self.p.pid, processes())]:
@@ -293,9 +298,10 @@ class Started:
 
 def kill_jvms(started: Started, n: int, timeout=600) -> int:
     """Kill a busy game JVM of the run `n` times, or until the run ends; how many were killed. Each kill but the
-    first waits until the previous one is over: its replacement JVM started, and an iteration logged after that
-    (a JVM busy between rollouts dies unnoticed until the next reset, so a kill that only waited for the next
-    iteration's line could hit that replacement during its replay, which the run then rightly drops)."""
+    first waits until the previous one is over: its replacement JVM started, and an iteration logged after that.
+    (Waiting only for the next iteration's line is not enough: a JVM killed at the end of a rollout is replaced
+    at the next one, and the next kill could then hit the replacement during its replay, which the run rightly
+    drops.)"""
     deadline, killed = time.time() + timeout, 0
     iterations = lambda: sum(bool(re.match(r"iter +\d+ ", line)) for line in list(started.out))  # noqa: E731
     running = lambda: started.p.poll() is None and time.time() < deadline  # noqa: E731
@@ -323,7 +329,7 @@ def test_killed_game_jvms_are_replaced_and_the_run_ends_as_if_they_had_not_died(
     started = Started("guided_opd.py", args + ["--runs-dir", "killed"], tmp_path, torchrun)
     assert started.wait_for(r"^teacher held-out success"), started.err[-20:]
     killed = kill_jvms(started, 2)
-    assert started.finish() == 0, "".join(started.err[-30:])
+    assert started.finish() == 0, started.said()
     assert killed == 2, "the run ended before two kills landed"
     (full,), (killed,) = glob.glob(str(tmp_path / "full" / "*")), glob.glob(str(tmp_path / "killed" / "*"))
     assert not any(re.search(r"dropped episode", line) for line in started.out)
