@@ -224,8 +224,6 @@ class SimServer:
     def __init__(self, num_products):
         with open(os.path.join(BASE_DIR, "../data/items_shuffle_1000.json")) as f:
             self.products = json.load(f)[:num_products]
-        if num_products not in INDEXES:
-            raise NotImplementedError(f"num_products being {num_products} is not supported yet.")
         if not os.path.isdir(os.path.join(BASE_DIR, "../search_engine", INDEXES[num_products])):
             raise JavaException("JVM exception occurred: java.nio.file.NoSuchFileException")
         self.goals = []
