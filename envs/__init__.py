@@ -4,17 +4,19 @@
 A spec is `family[:name][:params]`. Each family lives in its own module (imported only when used, so
 optional packages stay optional) that defines `NAMES` (the valid names, empty when the family takes
 none) and `make_env(name, params, split, seed, **kwargs) -> TextEnv` (keyword arguments only where the
-family takes some).
+family takes some), and, where it needs optional packages (requirements-envs.txt), `REQUIRES` (import
+name -> pip package; see `missing`).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 from concurrent.futures import ThreadPoolExecutor
 
-from envs.base import SPLITS, EnvError, TextEnv, parse_action
+from envs.base import SPLITS, EnvError, TextEnv, not_installed, parse_action
 
 # family -> module. Adding an environment = one module + one line here.
 FAMILIES = {
@@ -47,6 +49,15 @@ def known_specs() -> list[str]:
         names = getattr(_module(family), "NAMES", ())
         specs += [f"{family}:{n}" for n in names] if names else [family]
     return specs
+
+
+def missing(family: str) -> str | None:
+    """The wrapper's one-line install hint when a package in `family`'s `REQUIRES` is not installed, else None.
+    Finds the packages without importing them (cheap: the tests skip a family's tests on it)."""
+    for module, package in getattr(_module(family), "REQUIRES", {}).items():
+        if importlib.util.find_spec(module) is None:
+            return str(not_installed(package))
+    return None
 
 
 def make(spec: str, seed: int = 0, split: str = "train", **kwargs) -> TextEnv:
@@ -95,4 +106,5 @@ def _returning_errors(fn, env, arg):
         return e
 
 
-__all__ = ["make", "call_all", "check", "known_specs", "TextEnv", "EnvError", "parse_action", "SPLITS", "FAMILIES"]
+__all__ = ["make", "call_all", "check", "known_specs", "missing", "TextEnv", "EnvError", "parse_action", "SPLITS",
+           "FAMILIES"]

@@ -36,9 +36,10 @@ import random
 import shutil
 import tempfile
 
-from envs.base import EnvError, TextEnv, private_random
+from envs.base import EnvError, TextEnv, not_installed, private_random
 
 NAMES = ()  # the name is an optional task type, checked by make_env
+REQUIRES = {"alfworld": "alfworld", "textworld": "textworld"}  # import name -> pip package (see envs.missing)
 TASK_TYPES = {"pick_and_place": "pick_and_place_simple", "look_at_obj": "look_at_obj_in_light",
               "pick_clean": "pick_clean_then_place_in_recep", "pick_heat": "pick_heat_then_place_in_recep",
               "pick_cool": "pick_cool_then_place_in_recep", "pick_two": "pick_two_obj_and_place"}
@@ -64,7 +65,7 @@ class ALFWorldEnv(TextEnv):
                 from alfworld.agents.expert import HandCodedTWAgent
                 from textworld.envs import PddlEnv
         except ImportError:
-            raise EnvError("alfworld is missing: run `pip install -r requirements-envs.txt`") from None
+            raise not_installed(REQUIRES["alfworld"]) from None
         self._expert_class = HandCodedTWAgent
         self.task_types = [TASK_TYPES[task]] if task in TASK_TYPES else list(TASK_TYPES.values())
         self.task = "alfworld"

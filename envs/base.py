@@ -70,6 +70,11 @@ class EnvError(RuntimeError):
     """A problem the user can fix (missing package, data or name); the message says how."""
 
 
+def not_installed(package: str) -> EnvError:
+    """The error for an optional family's package (requirements-envs.txt) that is not installed."""
+    return EnvError(f"{package} is missing: run `pip install -r requirements-envs.txt`")
+
+
 def parse_action(reply: str, max_chars: int = 200, ascii_only: bool = True) -> str | None:
     """The action in the last `<action>...</action>` tag of `reply`, whitespace-normalised.
 

@@ -34,12 +34,13 @@ import logging
 import re
 from collections import deque
 
-from envs.base import EnvError, TextEnv, private_random
+from envs.base import EnvError, TextEnv, not_installed, private_random
 
 GAMES = {"guessthenumber": "GuessTheNumber", "mastermind": "Mastermind", "sokoban": "Sokoban",
          "towerofhanoi": "TowerofHanoi", "minesweeper": "Minesweeper", "fifteenpuzzle": "FifteenPuzzle",
          "sudoku": "Sudoku"}
 NAMES = tuple(GAMES)
+REQUIRES = {"gem": "gem-llm"}  # import name -> pip package (see envs.missing)
 DIFFICULTIES = ("easy", "hard", "random")
 FOLD_SEEDS = {"train": (0, 80000), "heldout": (80000, 100000), "dev": (100000, 110000), "test": (110000, 120000)}
 
@@ -56,7 +57,7 @@ def _import_gem():
     try:
         import gem
     except ImportError:
-        raise EnvError("gem-llm is missing: run `pip install -r requirements-envs.txt`") from None
+        raise not_installed(REQUIRES["gem"]) from None
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)

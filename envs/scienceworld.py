@@ -17,7 +17,9 @@ the agent follows it. Default episode length: 30 turns; some tasks' gold sequenc
 
 from __future__ import annotations
 
-from envs.base import EnvError, JavaEnv, call_with_timeout, parse_params
+from envs.base import EnvError, JavaEnv, call_with_timeout, not_installed, parse_params
+
+REQUIRES = {"scienceworld": "scienceworld"}  # import name -> pip package (see envs.missing)
 
 try:  # the task list ships as data inside the package; read it without starting Java
     from scienceworld.constants import TASKS as _TASKS
@@ -60,7 +62,7 @@ class ScienceWorldEnv(JavaEnv):
         try:
             from scienceworld import ScienceWorldEnv as _Simulator
         except ImportError:
-            raise EnvError("scienceworld is missing: run `pip install -r requirements-envs.txt`") from None
+            raise not_installed(REQUIRES["scienceworld"]) from None
         # The episode length is ours (max_turns), so the simulator's own step limit is set out of reach.
         return _Simulator("", envStepLimit=1_000_000)
 

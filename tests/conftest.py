@@ -1,5 +1,7 @@
 """Test set-up: the repository on sys.path, and the tiny default in its seconds-long smoke recipe (small
-models trained briefly) in a cache of the tests' own, so tests never need the full build.
+models trained briefly) in a cache of the tests' own, so tests never need the full build. A test marked
+`@pytest.mark.needs_env(FAMILY)` is skipped, with the wrapper's install hint, where that env family's optional
+packages (requirements-envs.txt) are not installed; where they are, it runs as any other.
 
 The cache folder is named by a hash of the code that builds the tiny models (common/ and envs/), not only
 by the recipe: a change to that code rebuilds them, so a stale build can never pass the tests."""
@@ -27,6 +29,21 @@ def _code_hash() -> str:
 os.environ["AGENT_DISTILL_TINY"] = "smoke"
 os.environ.setdefault("AGENT_DISTILL_CACHE", os.path.join(tempfile.gettempdir(), f"agent-distill-test-cache-{_code_hash()}"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_env(family): skipped where the env family's optional packages "
+                                       "(requirements-envs.txt) are not installed")
+
+
+def pytest_collection_modifyitems(items):
+    import envs
+
+    for item in items:
+        for mark in item.iter_markers("needs_env"):
+            reason = envs.missing(mark.args[0])
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

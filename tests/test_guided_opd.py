@@ -279,6 +279,7 @@ def test_smoke_run_trains_and_saves_a_loadable_model(tmp_path):
     assert any(not torch.equal(final[k], initial[k]) for k in initial)
 
 
+@pytest.mark.needs_env("gem")
 def test_env_of_another_suite_picks_that_suites_tiny_models(tmp_path):
     """--env gem:... with the default --student tiny: the GEM suite's student and expert, which share
     their own tokenizer."""
@@ -375,6 +376,7 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path):
     assert p.returncode != 0 and "vocabulary" in last and str(len(tok) + 7) in last, p.stderr[-2000:]
 
 
+@pytest.mark.needs_env("tau2")
 def test_tau2_airline_end_to_end_with_a_model_customer(tmp_path, qwen3_shaped):
     """A conversational env (its system prompt alone is thousands of tokens) with the Qwen3 token format: the
     customer played by a model (`--user-model`), the real-model defaults (sampled reverse KL and CE)."""

@@ -422,6 +422,7 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path):
     assert p.returncode != 0 and "vocabulary" in last and str(len(tok) + 7) in last, p.stderr[-2000:]
 
 
+@pytest.mark.needs_env("tau2")
 def test_tau2_domain_beside_a_game_with_a_model_customer(tmp_path, qwen3_shaped):
     """A conversational domain (tau2:airline) beside a game, with the Qwen3 token format: the customer played by a
     model (`--user-model`), given to the tau2 domain's envs only (a game takes no customer); --loss pg (real)."""

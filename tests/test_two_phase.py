@@ -371,6 +371,7 @@ def test_expert_with_another_vocabulary_is_refused(tmp_path):
     assert p.returncode != 0 and "vocabulary" in last and str(len(tok) + 7) in last, p.stderr[-2000:]
 
 
+@pytest.mark.needs_env("tau2")
 def test_tau2_tasks_end_to_end_with_a_model_customer(tmp_path, qwen3_shaped):
     """The paper's main benchmark: two conversational tasks (airline and retail), the customer played by a model
     (`--user-model`), the real-model defaults (cross-entropy in phase 1, sampled reverse KL in phase 2, here with
