@@ -424,6 +424,8 @@ def check_args(args: Args) -> None:
     if not (0 <= args.beta_end <= 1 and 0 <= args.beta_start <= 1) or args.adv_clip < 0 or args.ratio_clip < 0:
         raise SystemExit("error: --beta-start and --beta-end must be between 0 and 1, --adv-clip and --ratio-clip 0 (off) "
                          "or positive")
+    if args.ratio_clip and args.student_loss != "sampled":
+        raise SystemExit("error: --ratio-clip weighs the sampled form's tokens: use it with --student-loss sampled, or drop it")
     if args.batch_cache and not args.cache_turns:
         raise SystemExit("error: --batch-cache keeps the caches between turns: drop --no-cache-turns or --batch-cache")
 

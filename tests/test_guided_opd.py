@@ -354,6 +354,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks):
     (["--user-model", "tiny"], "--user-model is for conversational envs"),
     (["--batch-cache", "--no-cache-turns"], "--batch-cache keeps the caches between turns"),
     (["--eval-batch", "-1"], "--eval-batch must be 0 (auto) or more"),
+    (["--ratio-clip", "0.2", "--student-loss", "full"], "--ratio-clip weighs the sampled form's tokens"),
+    (["--adv-baseline", "--ratio-clip", "0.2", "--student-loss", "full"], "--ratio-clip weighs the sampled form's"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, expected):
     p = run(SMOKE + args, tmp_path, check=False, timeout=300)

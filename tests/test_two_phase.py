@@ -172,6 +172,23 @@ def test_expert_batches_are_balanced_cover_each_epoch_and_do_not_depend_on_ranks
     assert [ep.seed for ep in picks[:12]] != [ep.seed for ep in sorted(picks[:12], key=lambda ep: ep.seed)]  # shuffled
 
 
+@pytest.mark.parametrize("num_envs,world", [(4, 1), (2, 2), (5, 1), (7, 1)])
+def test_expert_batches_of_a_size_that_is_no_multiple_of_the_tasks_neither_repeat_nor_skip(num_envs, world):
+    """With a batch of B slots not a multiple of the task count, slot k still plays task k mod #tasks (the first
+    B mod #tasks tasks get one episode more per batch), and each task's picks go through its data in order:
+    every episode once per pass, none repeated or skipped, whatever the split over ranks."""
+    tasks = ("a:x", "a:y", "a:z")
+    sizes = [5, 7, 4]
+    data = fake_data(tasks, sizes)
+    args = tp.Args(tasks=tasks, num_envs=num_envs)
+    picks = [ep for it in range(12) for rank in range(world) for ep in tp.expert_batch(data, it, args, rank, world)]
+    for t, n in zip(tasks, sizes):
+        seeds = [ep.seed for ep in picks if ep.task == t]
+        assert len(seeds) >= n
+        for e in range(len(seeds) // n):
+            assert sorted(seeds[e * n:(e + 1) * n]) == list(range(n)), (t, seeds)
+
+
 @pytest.fixture
 def process_group(tmp_path):
     """A gloo process group of one in this process (FSDP2 needs one), without touching os.environ."""
