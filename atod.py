@@ -173,7 +173,7 @@ TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=5e-
 REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
             opd_loss="sampled", group_size=8, reward="success", lr_schedule="constant")
 REAL_TEACHER = "qwen3-8b"
-TINY_TEACHER = "tiny-expert:peckingorder-imperfect"  # the default env's imperfect teacher (common/tiny.py MORE_EXPERTS)
+TINY_TEACHER = "tiny-expert:peckingorder-imperfect"  # the default env's imperfect teacher (common/tiny_build.py MORE_EXPERTS)
 PAPER_ANNEAL_FRACTION = 80 / 150
 
 

@@ -5,7 +5,7 @@ exact full-vocabulary forms cost too much with 151k tokens); the tiny default tr
 checks the estimators through the scripts' own code, at the student's parameters:
 
 - fixed states: a few episodes (the tiny student playing with guided_opd.py's rollout at beta = 0, and oracle
-  episodes rendered by common.tiny), the student's and teacher's full log-prob rows at every trained position,
+  episodes rendered by common.tiny_build), the student's and teacher's full log-prob rows at every trained position,
   teacher-forced on the fixed sequences (the contexts stay fixed);
 - at each position K tokens y ~ pi_s(.|context), independently; the batch is replicated K times, replica k
   holding the k-th draw at every position, and goes through the script's own loss function (guided_opd_loss,
@@ -71,9 +71,9 @@ from common.teacher import Scores, score_teacher, token_logprobs  # noqa: E402
 @dataclass
 class Args:
     student: str = "tiny"
-    """the student (a tiny model that is already built is used; else the first built tiny student, else random)"""
+    """the student (`random`: a random pair of small Qwen3 models on random token sequences)"""
     teacher: str | None = None
-    """the teacher (default: --env's tiny expert, else the first built tiny expert)"""
+    """the teacher (default: --env's tiny expert)"""
     env: str = "twx:simonsays"
     """the environment whose episodes give the states"""
     student_episodes: int = 4
@@ -437,52 +437,25 @@ def synthetic_episodes(vocab: int, n: int, seed: int, turns: int = 3, reply: int
     return eps
 
 
-def built(name: str) -> bool:
-    """Whether a tiny model is already built (never builds one: that takes long)."""
-    from common import tiny
-    from common.models import is_tiny
-
-    if not is_tiny(name):
-        return True
-    kind, _, arg = name.partition(":")
-    try:
-        if kind == "tiny-expert":
-            r = next(tiny.recipe(suite) for suite in tiny.SUITES if any(e[0] == arg for e in tiny.recipe(suite).experts()))
-            return os.path.isdir(tiny.artefact_dir(r, f"expert-{arg}"))
-        r = tiny.recipe(arg or "twx")
-        return os.path.isdir(tiny.artefact_dir(r, "student" + kind[len("tiny"):]))
-    except (StopIteration, ValueError):
-        return False
-
-
 def load_models(args: Args):
-    """(student, teacher, tokenizer or None, description): the named tiny models if built, else the first built
-    tiny student and an expert, else a random pair (synthetic episodes then)."""
+    """(student, teacher, tokenizer, description): the named models (`--student random`: a random pair of small
+    Qwen3 models, whose states are then random token sequences, with no tokenizer)."""
     from common import tiny
     from common.models import load_model
 
-    teacher = args.teacher
-    if teacher is None:
-        try:
-            teacher = tiny.expert_for(args.env)
-        except ValueError:
-            teacher = ""
-    students = [args.student] + [n for n in ("tiny", "tiny-novice", "tiny-small") if n != args.student]
-    experts = [teacher] + [f"tiny-expert:{g}" for g, *_ in tiny.recipe().games]
-    student = next((n for n in students if n and built(n)), None)
-    expert = next((n for n in experts if n and built(n)), None)
-    if student is None or expert is None:
+    if args.student == "random":
         s, t = random_pair(seed=args.seed)
-        return s, t, None, "random Qwen3 pair (no tiny model built)"
-    s, tok = load_model(student, trainable=True)
-    t, _ = load_model(expert)
-    return s, t, tok, f"student {student}, teacher {expert}"
+        return s, t, None, "random Qwen3 pair"
+    teacher = args.teacher or tiny.expert_for(args.env)
+    s, tok = load_model(args.student, trainable=True)
+    t, _ = load_model(teacher)
+    return s, t, tok, f"student {args.student}, teacher {teacher}"
 
 
 def make_episodes(student, tokenizer, args: Args, env: str) -> list[Episode]:
-    """Student-played episodes (guided_opd.rollout at beta 0, temperature 1) and oracle ones (common.tiny)."""
+    """Student-played episodes (guided_opd.rollout at beta 0, temperature 1) and oracle ones (common.tiny_build)."""
     import envs
-    from common import tiny
+    from common import tiny_build
     from common.models import fill_defaults
 
     eps = []
@@ -498,8 +471,8 @@ def make_episodes(student, tokenizer, args: Args, env: str) -> list[Episode]:
             for e in pool:
                 e.close()
     if args.oracle_episodes:
-        trajs = tiny.play(env, range(200, 200 + args.oracle_episodes), "oracle", args.max_turns, random.Random(args.seed))
-        eps += [tiny.render(tokenizer, t) for t in trajs]
+        trajs = tiny_build.play(env, range(200, 200 + args.oracle_episodes), "oracle", args.max_turns, random.Random(args.seed))
+        eps += [tiny_build.render(tokenizer, t) for t in trajs]
     return [e for e in eps if sum(e.loss_mask) > 0]
 
 

@@ -90,10 +90,10 @@ def load(name: str, device: torch.device, dtype: torch.dtype, seed: int):
     if name == "tiny":
         from transformers import AutoTokenizer
 
-        from common import tiny
+        from common import tiny, tiny_build
 
         tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
-        model = tiny.new_model(tiny.SUITES["twx"].student, len(tok), seed=seed).to(device, dtype)
+        model = tiny_build.new_model(tiny_build.SUITES["twx"].student, len(tok), seed=seed).to(device, dtype)
         return model.eval().requires_grad_(False), tok
     return random_qwen3(name, device, dtype, seed).eval().requires_grad_(False), qwen3_tokenizer()
 

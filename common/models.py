@@ -1,8 +1,8 @@
 """Model names and loading, resolved in one place: aliases, hub ids, local folders and the tiny models.
 
 `load_model(name)` returns (model, tokenizer) for an alias (`qwen3-1.7b` -> `Qwen/Qwen3-1.7B`), a hub id, a
-local folder, or a tiny model of the embedded default (`tiny`, `tiny-expert:<game>`; built on first use by
-common/tiny.py). `check_vocab` refuses a teacher whose vocabulary differs from the student's.
+local folder, or a tiny model of the embedded default (`tiny`, `tiny-expert:<game>`; shipped in
+common/tiny_models, resolved by common/tiny.py). `check_vocab` refuses a teacher whose vocabulary differs from the student's.
 `fill_defaults` gives the scripts' "auto" arguments their tiny or real-model values.
 """
 
@@ -43,7 +43,7 @@ def resolve(name: str) -> str:
     if name in ALIASES:
         return ALIASES[name]
     if is_tiny(name):
-        from common import tiny  # lazy: building the tiny models needs the environments
+        from common import tiny
 
         return tiny.model_path(name)
     if os.path.exists(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
@@ -197,7 +197,7 @@ def load_student_and_teachers(student: str, teachers: list[str], device, max_seq
     positions."""
     try:
         tiny_names = [name for name in [student, *teachers] if is_tiny(name)]
-        if tiny_names:  # the first run builds its missing tiny models side by side, not one after the other
+        if tiny_names:  # checks the shipped files (under the tests' smoke recipe: builds what is missing, side by side)
             from common import tiny
 
             tiny.prepare(tiny_names)

@@ -13,14 +13,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from common import tiny
+from common import tiny, tiny_build
 from common.episode import STUDENT, TEACHER, BatchCache, Episode, TurnCache, end_of_turn_id, generate_replies
 
 
 def _model_that_sometimes_stops(vocab: int, eot: int):
     """A random tiny Qwen3 that closes its turn (`<|im_end|>`) whenever its favourite token's id is a
     multiple of 7, so greedy replies end at different lengths (a random model would never close its turn)."""
-    model = tiny.new_model(tiny.ModelShape(hidden=32, layers=2, heads=2, kv_heads=1, mlp=64), vocab, seed=3).eval()
+    model = tiny_build.new_model(tiny_build.ModelShape(hidden=32, layers=2, heads=2, kv_heads=1, mlp=64), vocab, seed=3).eval()
     # an untied random head: with the tied one a random model just repeats its last token
     model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab, 32, generator=torch.Generator().manual_seed(3)))
 
