@@ -237,11 +237,11 @@ def main():
     parser.add_argument("--check", action="store_true", help="measure the held-out table on this machine")
     parser.add_argument("--rebuild", action="store_true", help="re-make the suites from the recipe (common/tiny_build.py)")
     parser.add_argument("--out", default="tiny-rebuild", help="--rebuild: the folder to make them in (resumable)")
-    parser.add_argument("--ship", action="store_true", help="--rebuild: then replace the shipped models with them")
+    parser.add_argument("--ship", action="store_true", help="rebuild, then replace the shipped models with them")
     parser.add_argument("--suite", action="append", help="--rebuild: only this suite (repeatable; default: the shipped "
                                                          "ones, twx and gem; scienceworld on request)")
     cli = parser.parse_args()
-    if cli.rebuild:
+    if cli.rebuild or cli.ship:
         from common import tiny_build
 
         t0 = time.time()

@@ -992,7 +992,8 @@ def _write_json(path: str, obj) -> None:
 
 def _export(r: Recipe, name: str, what: str, out: str) -> dict:
     """Copy one built artefact into `out/<suite>/<name>` and return its manifest entry: where it came from in
-    the recipe (its cache path, which names its recipe's hash), its files' SHA-256 and its held-out success."""
+    the recipe (its cache path, which names its recipe's hash), its files' SHA-256 and the games of its held-out
+    table."""
     from common.tiny import sha256
 
     src = artefact_dir(r, what)
@@ -1002,14 +1003,11 @@ def _export(r: Recipe, name: str, what: str, out: str) -> dict:
     shutil.copytree(src, dst)
     e = {"suite": r.suite, "artefact": what, "folder": folder, "recipe_key": os.path.relpath(src, cache_root()),
          "files": {f: sha256(os.path.join(dst, f)) for f in sorted(os.listdir(dst))}}
-    if what != "tokenizer":
-        with open(os.path.join(dst, "tiny.json")) as f:
-            held = json.load(f)["heldout"]
-        if what.startswith("expert-"):
-            spec = next(x[1] for x in r.experts() if f"expert-{x[0]}" == what)
-            e["heldout"] = {spec.split(":")[1]: {"env": spec, **held}}  # the game it plays
-        else:
-            e["heldout"] = {g: {"env": spec, **held[g]} for g, spec, _, _ in r.games}
+    if what.startswith("expert-"):  # the games whose held-out table `rebuild` plays: an expert's own, a student's all
+        spec = next(x[1] for x in r.experts() if f"expert-{x[0]}" == what)
+        e["heldout"] = {spec.split(":")[1]: {"env": spec}}
+    elif what != "tokenizer":
+        e["heldout"] = {g: {"env": spec} for g, spec, _, _ in r.games}
     return e
 
 
@@ -1044,7 +1042,7 @@ def rebuild(out: str, suites: list[str] | None = None, cache: str | None = None)
     try:
         for suite in suites or SHIPPED_SUITES:
             r = recipe(suite)
-            build(r, more=True)  # the table measures the students' held-out success, once, into their tiny.json
+            build(r, more=True, table=False)
             built = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": BUILD_THREADS,
                      "machine": platform.machine(), "cpu": _cpu_name()}
             m["suites"][suite] = {**_suite_info(r), "built": built}
