@@ -195,3 +195,18 @@ def test_the_ratio_turns_old_samples_into_current_ones(case, moved, script, form
     y = gc.draw(old_p, 4096, torch.Generator().manual_seed(0))
     assert gc.cosine(grad(form, y=y), reference) > 0.99
     assert gc.cosine(grad("stale", y=y), reference) < 0.98
+
+
+def test_end_to_end_sampled_gradients_of_rollout_batches_average_to_the_exact_one():
+    """benchmark/e2e_grad.py on the smoke models: rollout batches through collation, teacher scoring and the loss.
+    One batch's sampled gradient is a noisy estimate; the mean over batches is close to the exact gradients' mean
+    (it fails when the teacher's log-probs reach the loss one position off)."""
+    import e2e_grad
+
+    from common.models import load_model
+
+    student, tok = load_model("tiny", trainable=True)
+    teacher, _ = load_model("tiny-expert:simonsays")
+    out = e2e_grad.measure(student, teacher, tok, "twx:simonsays", batches=8, seed=0, report=lambda *a: None)
+    assert out["mean_cos"] > 0.9 and out["mean_cos"] > out["batch_cos"], out["mean_cos"]
+    assert len(out["advantages"]) > 100 and all(p.grad is None for p in student.parameters())
