@@ -204,7 +204,8 @@ def task_label(spec: str) -> str:
 
 def task_of_slot(slot: int, args: Args) -> str:
     """Episode slot k of an iteration's global batch (ranks hold consecutive slots) plays task k mod #tasks:
-    every batch is balanced over the tasks, and split the same way whatever the number of ranks."""
+    every batch is balanced over the tasks (the first B mod #tasks get one more where the batch size B is no
+    multiple of #tasks), and split the same way whatever the number of ranks."""
     return args.tasks[slot % len(args.tasks)]
 
 
@@ -286,11 +287,8 @@ def expert_batch(data: dict, iteration: int, args: Args, rank: int, world: int) 
     n_tasks, batch = len(args.tasks), []
     for slot in range(rank * args.num_envs, (rank + 1) * args.num_envs):
         task = task_of_slot(slot, args)
-        # this task's k-th pick of phase 1: its slots in every earlier batch, then its earlier slots in this one
-        # (a batch of B slots holds ceil((B - t) / n_tasks) of task t: when B is no multiple of n_tasks, the first
-        # B mod n_tasks tasks get one episode more per batch)
-        per_batch = (args.num_envs * world - slot % n_tasks + n_tasks - 1) // n_tasks
-        k = iteration * per_batch + slot // n_tasks
+        # the task's k-th pick: its slots in earlier batches (ceil((B - t) / n_tasks) of the B slots are task t's)
+        k = iteration * ((args.num_envs * world - slot % n_tasks + n_tasks - 1) // n_tasks) + slot // n_tasks
         epoch, i = divmod(k, len(data[task]))
         order = random.Random(f"{args.seed}/{task}/{epoch}").sample(range(len(data[task])), len(data[task]))
         batch.append(data[task][order[i]])
