@@ -203,9 +203,8 @@ def task_label(spec: str) -> str:
 
 
 def task_of_slot(slot: int, args: Args) -> str:
-    """Episode slot k of an iteration's global batch (ranks hold consecutive slots) plays task k mod #tasks:
-    every batch is balanced over the tasks (the first B mod #tasks get one more where the batch size B is no
-    multiple of #tasks), and split the same way whatever the number of ranks."""
+    """Episode slot k of an iteration's global batch (ranks hold consecutive slots) plays task k mod #tasks: every
+    batch is balanced over the tasks (the first B mod #tasks get one more), split alike whatever the ranks."""
     return args.tasks[slot % len(args.tasks)]
 
 

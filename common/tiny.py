@@ -171,12 +171,6 @@ def prepare(names: list[str]) -> None:
 # --------------------------------------------------------------------------------------------------
 # The held-out table
 # --------------------------------------------------------------------------------------------------
-def table(m: dict, names: list[str] | None = None) -> list[tuple[str, str, float]]:
-    """(model, game, held-out success) of every model in a manifest (or of `names`), in the manifest's order."""
-    return [(n, game, r["success_rate"]) for n, e in m["models"].items() if names is None or n in names
-            for game, r in e.get("heldout", {}).items()]
-
-
 def measure(names: list[str] | None = None, root: str | None = None, episodes: int | None = None,
             batch: int | None = None) -> dict:
     """The held-out table of a folder's models measured on this machine: {model: {game: rates}}, each model on its
@@ -212,7 +206,8 @@ def print_table(m: dict, measured: dict | None = None, other: dict | None = None
     success beside it."""
     print(f"{'model':<36} {'env':<42} {'success':>8}" + (f" {'measured':>9}" if measured else "")
           + (f" {other_name:>9}" if other else ""))
-    for n, game, rate in table(m):
+    rows = [(n, game, r["success_rate"]) for n, e in m["models"].items() for game, r in e.get("heldout", {}).items()]
+    for n, game, rate in rows:
         row = f"{n:<36} {m['models'][n]['heldout'][game]['env']:<42} {rate:>8.2f}"
         if measured is not None:
             row += f" {measured[n][game]['success_rate']:>9.2f}" if n in measured else f" {'-':>9}"
