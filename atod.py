@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -51,7 +52,7 @@ from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, Episode, TurnCache, collate, end_of_turn_id, episode_sums, generate_replies,
                             pack_by_tokens, start_episodes, step_envs)
 from common.models import ModelError, fill_defaults, is_tiny, load_student_and_teachers, student_name, teacher_name
-from common.runs import Run, check_rollout_args, eval_batch, gathered, seed_everything
+from common.runs import Run, check_rollout_args, eval_batch, gathered, minibatch_plan, seed_everything
 from common.teacher import score_teacher, token_logprobs
 from common.user import env_user
 
@@ -117,7 +118,8 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
     num_minibatches: int = 4
-    """optimizer steps per epoch: the rollout batch is split into this many mini-batches"""
+    """optimizer steps per epoch: the rollout batch is split into this many mini-batches of whole groups (GRPO's
+    advantages sum to 0 within a group: a step sees them all)"""
     update_epochs: int = 1
     """passes over each rollout batch (PPO epochs)"""
     micro_batch_tokens: int | None = None
@@ -150,28 +152,38 @@ class Args:
     group_size: int | None = None
     """G: episodes of the same task per group, the GRPO baseline being the group's mean reward (auto: 8, the
     paper's, real; 4 tiny, so that the tiny default's 16 episodes hold 4 tasks)"""
-    reward: Literal["success", "score"] | None = None
-    """the outcome reward of an episode: success (0/1, the paper's) or the env's score (auto: score tiny, success
-    real)"""
+    reward: Literal["success", "score"] = "success"
+    """the outcome reward of an episode: success (0/1, the paper's) or the env's score"""
     anneal_iterations: int | None = None
     """iterations over which kappa goes 1 -> 0.1 and rho 1 -> 2 (the paper: 80 of 150); auto: the same fraction
     of --total-iterations"""
     weighting: Literal["tdur", "token", "none"] = "tdur"
     """weights of the OPD term: tdur (per turn, the paper's), token (the same, per token: an ablation), none (w = 1)"""
-    renormalize_weights: bool = False
-    """scale each trajectory's T-DUR weights to mean 1 over its tokens (the paper does not say; off = as written)"""
+    renormalize_weights: bool = True
+    """scale each trajectory's T-DUR weights to mean 1 over its tokens, so that the OPD term keeps the scale of
+    plain OPD (the paper does not say; `--no-renormalize-weights` = as written, mean weight about 0.07 here)"""
     clip_eps: float = 0.2
     """PPO clip range of the importance ratio to the rollout-time student"""
-    opd_loss: Literal["sampled", "full"] | None = None
-    """sampled: A_OPD on the sampled token, inside the surrogate (the paper's); full: the exact reverse KL over the
-    vocabulary, weighted by kappa w, beside the surrogate (auto: full tiny, sampled real)"""
+    opd_loss: Literal["sampled", "topk", "full"] | None = None
+    """sampled: A_OPD on the sampled token, inside the surrogate (the paper's); topk: the reverse KL over the
+    teacher's top --topk tokens and one bucket for the rest, weighted by kappa w, beside the surrogate (scales to
+    a 151k vocabulary); full: the exact reverse KL over the vocabulary, the same way (auto: full tiny, topk real)"""
+    topk: int = 64
+    """topk: the teacher's k most likely tokens at each position"""
+    term_grad_norms: bool | None = None
+    """log the gradient norm of the OPD term and of the GRPO term apart, on each iteration's first mini-batch (two
+    more forward/backward passes of it; auto: on tiny, off real)"""
+    real_losses: bool = False
+    """with a tiny student: train with the real-model OPD loss (REAL_LOSSES: --opd-loss as a real run takes it),
+    everything else the tiny default's, to see it teach on a CPU"""
 
 
 # "Auto" arguments (None above): the embedded tiny default's values, and a real model's.
 TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=5e-4, micro_batch_tokens=4096, opd_loss="full",
-            group_size=4, reward="score", lr_schedule="cosine")
+            group_size=4, lr_schedule="cosine", term_grad_norms=True)
 REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
-            opd_loss="sampled", group_size=8, reward="success", lr_schedule="constant")
+            opd_loss="topk", group_size=8, lr_schedule="constant", term_grad_norms=False)
+REAL_LOSSES = ("opd_loss",)  # what --real-losses takes from REAL
 REAL_TEACHER = "qwen3-8b"
 TINY_TEACHER = "tiny-expert:peckingorder-imperfect"  # the default env's imperfect teacher (common/tiny_build.py MORE_EXPERTS)
 PAPER_ANNEAL_FRACTION = 80 / 150
@@ -319,20 +331,34 @@ def full_reverse_kl(full_s: torch.Tensor, full_t: torch.Tensor) -> torch.Tensor:
     return (full_s.exp() * (full_s - full_t)).sum(-1)
 
 
+def topk_reverse_kl(at_s: torch.Tensor, topk_t: torch.Tensor) -> torch.Tensor:
+    """The reverse KL over k + 1 buckets: the teacher's top-k tokens v (log-probs [..., k] of student and
+    teacher at them) and the tail R of all other tokens, p(R) = 1 - sum_v p(v): sum over the buckets of
+    p_s log(p_s / p_t), a lower bound of KL(pi_s || pi_t) that is exact when the tail is one token or empty."""
+    def with_tail(logp: torch.Tensor) -> torch.Tensor:  # log p(R), floored at 1e-6 (fp32 resolves no finer)
+        return torch.cat([logp, torch.log((-torch.expm1(logp.logsumexp(-1))).clamp(min=1e-6)).unsqueeze(-1)], -1)
+    at_s, topk_t = with_tail(at_s), with_tail(topk_t)
+    p_s, p_t = at_s.exp(), topk_t.exp()
+    return (p_s * (at_s - topk_t) - p_s + p_t).sum(-1)
+
+
 def atod_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, dict]:
     """(sum over the micro-batch's trajectories of their token-mean loss, statistics). `mb` holds the batch
     tensors, the rollout student's log-probs (`old_logp`), the teacher's (`teacher_logp`), the hybrid advantages
-    (`advantages`), each token's 1 / (its trajectory's token count) (`token_share`), and for --opd-loss full the
-    teacher's full rows at the trained positions (`teacher_full`) and each token's kappa w (`kl_coef`)."""
+    (`advantages`), each token's 1 / (its trajectory's token count) (`token_share`), and for --opd-loss full / topk
+    the teacher's full rows at the trained positions (`teacher_full`) or its top-k (`teacher_topk_logp`, `_ids`)
+    and each token's kappa w (`kl_coef`)."""
     mask = mb["loss_mask"].clone()
     mask[:, 0] = False  # the first token is never predicted
     full = args.opd_loss == "full"
-    s = token_logprobs(student, mb["input_ids"], mb["attention_mask"], mask, full=full)
+    s = token_logprobs(student, mb["input_ids"], mb["attention_mask"], mask, full=full, at=mb.get("teacher_topk_ids"))
     logp_s, logp_old = s.logp, mb["old_logp"]
     tokens = clipped_surrogate(logp_s, logp_old, mb["advantages"], args.clip_eps)
     if full:  # the OPD term as the exact reverse KL, weighted by kappa w (rows in mask order)
         kl = torch.zeros_like(logp_s).index_put(mask.nonzero(as_tuple=True), full_reverse_kl(s.full, mb["teacher_full"]))
         tokens = tokens + mb["kl_coef"] * kl
+    elif args.opd_loss == "topk":  # the same with the top-k and its tail bucket
+        tokens = tokens + mb["kl_coef"] * topk_reverse_kl(s.at_logp, mb["teacher_topk_logp"])
     loss_sum = (tokens * mb["token_share"] * mask).sum()
     with torch.no_grad():
         log_ratio = (logp_s - logp_old) * mask
@@ -366,10 +392,13 @@ def shard(model, device, trainable: bool, activation_checkpointing: bool = False
 
 
 def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher_scores, old_logp, advantages, kl_coef,
-               args: Args, world: int, device) -> dict:
+               terms: dict, plans: list[list[int]], args: Args, world: int, device) -> dict:
     """One iteration's updates: --update-epochs passes over the rollout batch, each split into --num-minibatches
-    mini-batches, one optimizer step each. Inside a mini-batch, micro-batches of at most --micro-batch-tokens
-    accumulate gradients. Returns the summed statistics of the micro-batches and the mean gradient norm."""
+    mini-batches of whole groups by its `plans` entry (the same on every rank), one optimizer step each. Inside a
+    mini-batch, micro-batches of at most --micro-batch-tokens accumulate gradients. With --term-grad-norms, the
+    first mini-batch's gradient is also taken for each of `terms` alone ({name: (advantages, kl_coef)}): on it
+    the ratio is 1, the surrogate linear in A, so the terms' gradients add up to the step's. Returns the summed
+    statistics of the micro-batches, the mean gradient norm and the terms' norms."""
     loss_mask = batch["loss_mask"].clone()
     loss_mask[:, 0] = False
     full_rows = None
@@ -379,37 +408,52 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
     n_tokens = loss_mask.sum(1)
     token_share = (1.0 / n_tokens.clamp(min=1).float())[:, None].expand(loss_mask.shape)  # a token mean per trajectory
     stats_sum = {"loss": 0.0, "clipped": 0.0, "approx_kl": 0.0, "tokens": 0.0}
-    grad_norms, skipped, no_signal = [], 0, 0
+    grad_norms, skipped, no_signal, term_norms = [], 0, 0, {}
+
+    def backward(rows: list[int], trajectories: int, advantages, kl_coef) -> dict:
+        """The mini-batch `rows`' gradient (zeroed first); the summed statistics of its micro-batches."""
+        out = {}
+        order = sorted(rows, key=lambda r: len(episodes[r]))  # similar lengths together: less padding
+        groups = pack_by_tokens([len(e) for e in episodes], args.micro_batch_tokens, order)
+        n_max = all_max(len(groups))  # every rank runs as many forward/backward passes
+        optimizer.zero_grad(set_to_none=True)
+        for j in range(n_max):
+            student.set_requires_gradient_sync(j == n_max - 1)  # reduce gradients once, after the last
+            idx = groups[j] if j < len(groups) else (groups or [[0]])[0][:1]  # a rank with fewer micro-batches repeats
+            weight = 1.0 if j < len(groups) else 0.0               # one row with zero weight, to stay in step
+            width = max(len(episodes[i]) for i in idx)  # right padding beyond the longest row is cut
+            mb = {k: batch[k][idx, :width].to(device) for k in ("input_ids", "attention_mask", "loss_mask")}
+            for k, v in (("teacher_logp", teacher_scores.logp), ("old_logp", old_logp), ("advantages", advantages),
+                         ("kl_coef", kl_coef), ("token_share", token_share)):
+                mb[k] = v[idx, :width].to(device)
+            if full_rows is not None:
+                mb["teacher_full"] = teacher_scores.full[full_rows[idx, :width][loss_mask[idx, :width]]].to(device)
+            if teacher_scores.topk_ids is not None:
+                mb["teacher_topk_logp"] = teacher_scores.topk_logp[idx, :width].to(device)
+                mb["teacher_topk_ids"] = teacher_scores.topk_ids[idx, :width].to(device)
+            loss_sum, stats = atod_loss(student, mb, args)
+            # The mini-batch's loss is a mean over its trajectories on every rank; FSDP averages gradients
+            # over ranks, hence the factor world.
+            loss = loss_sum * weight * world / max(trajectories, 1.0)
+            loss.backward()
+            for key, v in stats.items():
+                out[key] = out.get(key, 0.0) + v * weight
+        return out
+
     for epoch in range(args.update_epochs):
         for m in range(args.num_minibatches):
-            rows = list(range(m, len(episodes), args.num_minibatches))
+            rows = [i for i, ep in enumerate(episodes) if plans[epoch][ep.slot] == m]
             counts = all_sum({"n": int((n_tokens[rows] > 0).sum()), "signal": int(((advantages[rows] != 0) | (kl_coef[rows] != 0)).sum())})
-            trajectories = counts["n"]
             if counts["signal"] == 0:  # no advantage, no KL (GRPO on flat groups): a zero gradient, and AdamW would
                 no_signal += 1         # still move the weights along its momentum; so no step
                 continue
-            order = sorted(rows, key=lambda r: len(episodes[r]))  # similar lengths together: less padding
-            groups = pack_by_tokens([len(e) for e in episodes], args.micro_batch_tokens, order)
-            n_max = all_max(len(groups))  # every rank runs as many forward/backward passes
-            optimizer.zero_grad(set_to_none=True)
-            for j in range(n_max):
-                student.set_requires_gradient_sync(j == n_max - 1)  # reduce gradients once, after the last
-                idx = groups[j] if j < len(groups) else (groups or [[0]])[0][:1]  # a rank with fewer micro-batches repeats
-                weight = 1.0 if j < len(groups) else 0.0               # one row with zero weight, to stay in step
-                width = max(len(episodes[i]) for i in idx)  # right padding beyond the longest row is cut
-                mb = {k: batch[k][idx, :width].to(device) for k in ("input_ids", "attention_mask", "loss_mask")}
-                for k, v in (("teacher_logp", teacher_scores.logp), ("old_logp", old_logp), ("advantages", advantages),
-                             ("kl_coef", kl_coef), ("token_share", token_share)):
-                    mb[k] = v[idx, :width].to(device)
-                if full_rows is not None:
-                    mb["teacher_full"] = teacher_scores.full[full_rows[idx, :width][loss_mask[idx, :width]]].to(device)
-                loss_sum, stats = atod_loss(student, mb, args)
-                # The mini-batch's loss is a mean over its trajectories on every rank; FSDP averages gradients
-                # over ranks, hence the factor world.
-                loss = loss_sum * weight * world / max(trajectories, 1.0)
-                loss.backward()
-                for key, v in stats.items():
-                    stats_sum[key] = stats_sum.get(key, 0.0) + v * weight
+            if args.term_grad_norms and not term_norms:  # each term's share of the first step's gradient
+                for name, (adv, coef) in terms.items():
+                    backward(rows, counts["n"], adv, coef)
+                    norm = torch.nn.utils.clip_grad_norm_(student.parameters(), float("inf"))  # the norm, unclipped
+                    term_norms[name] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            for key, v in backward(rows, counts["n"], advantages, kl_coef).items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + v
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if math.isfinite(grad_norm):
@@ -419,7 +463,7 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
     return {**stats_sum, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "skipped_steps": skipped,
-            "no_signal_steps": no_signal}
+            "no_signal_steps": no_signal, "term_norms": term_norms}
 
 
 def check_args(args: Args) -> None:
@@ -433,14 +477,15 @@ def check_args(args: Args) -> None:
     if args.temperature != 1 and args.opd_loss == "sampled":
         raise SystemExit("error: --temperature must be 1 with --opd-loss sampled (its log-probs are of the untempered "
                          "student); sample at another temperature only with --opd-loss full")
-    if args.clip_eps <= 0 or args.update_epochs < 1 or args.anneal_iterations < 0:
-        raise SystemExit("error: --clip-eps must be positive, --update-epochs at least 1, --anneal-iterations 0 or more")
+    if args.clip_eps <= 0 or args.update_epochs < 1 or args.anneal_iterations < 0 or args.topk < 1:
+        raise SystemExit("error: --clip-eps must be positive, --update-epochs at least 1, --anneal-iterations 0 or more, "
+                         "--topk at least 1")
 
 
 if __name__ == "__main__":
     # ---- INFRASTRUCTURE: arguments, process group, seeds, models, run folder (common/ holds the details) ----
     args = tyro.cli(Args)
-    fill_defaults(args, TINY, REAL)
+    fill_defaults(args, TINY, REAL, REAL_LOSSES)
     if args.anneal_iterations is None:
         args.anneal_iterations = round(PAPER_ANNEAL_FRACTION * args.total_iterations)
     check_args(args)
@@ -504,14 +549,18 @@ if __name__ == "__main__":
         with gathered(student):
             episodes = rollout(student, tokenizer, pool, seeds, args, [args.seed * 1_000_003 + task for task in tasks],
                                args.temperature, max_turns)
+        for j, ep in enumerate(episodes):
+            ep.slot = rank * args.num_envs + j  # its place in the batch over every rank: picks its mini-batch
         episodes = run.drop_failed(episodes, iteration, group=args.group_size)  # whole groups: GRPO needs them
         t_rollout = time.time() - t0
 
         # Scoring: the teacher's and the rollout-time student's log-probs of every agent token (the teacher's full
-        # distributions too for --opd-loss full), then the advantages: GRPO per group, T-DUR weights, the hybrid.
+        # distributions or top-k too for --opd-loss full / topk), then the advantages: GRPO per group, T-DUR weights,
+        # the hybrid.
         t0 = time.time()
         batch = collate(episodes, tokenizer.pad_token_id)
-        scores = score_teacher(teacher, batch, batch["loss_mask"], args.micro_batch_tokens, full=args.opd_loss == "full")
+        scores = score_teacher(teacher, batch, batch["loss_mask"], args.micro_batch_tokens, full=args.opd_loss == "full",
+                               topk=args.topk if args.opd_loss == "topk" else 0)
         old_logp = score_teacher(student, batch, batch["loss_mask"], args.micro_batch_tokens).logp
         scored = batch["loss_mask"].clone()
         scored[:, 0] = False
@@ -524,17 +573,24 @@ if __name__ == "__main__":
         opd_sampled = args.opd_loss == "sampled"
         advantages = hybrid_advantages(old_logp, scores.logp, weights, adv_grpo, scored, kappa, rho, opd_sampled)
         kl_coef = torch.zeros_like(weights) if opd_sampled else kappa * weights
+        terms = {"opd": (hybrid_advantages(old_logp, scores.logp, weights, adv_grpo, scored, kappa, 0.0, opd_sampled), kl_coef),
+                 "grpo": (hybrid_advantages(old_logp, scores.logp, weights, adv_grpo, scored, 0.0, rho), torch.zeros_like(kl_coef))}
         group_std = rewards.view(-1, args.group_size).std(1)
         t_teacher = time.time() - t0
 
         # ALGO LOGIC: the training step
         t0 = time.time()
-        step = train_step(student, optimizer, episodes, batch, scores, old_logp, advantages, kl_coef, args, world, device)
+        # whole groups per mini-batch, the groups shuffled anew for each epoch (drawn from --seed and the iteration)
+        rng = random.Random(f"{args.seed}/mb/{iteration}")
+        slot_groups = [g // args.group_size for g in range(args.num_envs * world)]
+        plans = [minibatch_plan(slot_groups, args.num_minibatches, rng, together=True) for _ in range(args.update_epochs)]
+        step = train_step(student, optimizer, episodes, batch, scores, old_logp, advantages, kl_coef, terms, plans, args,
+                          world, device)
         t_train = time.time() - t0
 
         # ---- INFRASTRUCTURE: logging (sums over every rank's episodes and micro-batches), eval, checkpoint ----
         n_rows = scored.any(1).sum().item()
-        totals = all_sum({**episode_sums(episodes), **{k: v for k, v in step.items() if k not in ("grad_norm", "skipped_steps", "no_signal_steps")},
+        totals = all_sum({**episode_sums(episodes), **{k: v for k, v in step.items() if k not in ("grad_norm", "skipped_steps", "no_signal_steps", "term_norms")},
                           "groups": len(episodes) // args.group_size, "flat_groups": int((group_std < 1e-8).sum()), "group_std": group_std.sum().item(),
                           "reward": rewards.sum().item(), "weight_sum": (weights * scored).sum().item(),
                           "scored": scored.sum().item(), "trajectories": n_rows,
@@ -543,7 +599,8 @@ if __name__ == "__main__":
         n_tok, n_traj = max(totals["tokens"], 1), max(totals["trajectories"], 1) * args.update_epochs
         losses = {"loss": totals["loss"] / n_traj, "reverse_kl": totals["reverse_kl"] / max(totals["scored"], 1),
                   "clipfrac": totals["clipped"] / n_tok, "approx_kl": totals["approx_kl"] / n_tok,
-                  "no_signal_steps": step["no_signal_steps"]}
+                  "no_signal_steps": step["no_signal_steps"],
+                  **{f"grad_norm_{name}": v for name, v in step["term_norms"].items()}}  # on the first step, unclipped
         run.log_iteration(completed, totals, step, lr, t_iter, (t_rollout, t_teacher, t_train), losses, {"kappa": kappa, "rho": rho},
                           {"reward": totals["reward"] / totals["episodes"], "reward_std_in_group": totals["group_std"] / totals["groups"],
                            "flat_group_fraction": totals["flat_groups"] / totals["groups"],

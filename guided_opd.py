@@ -47,7 +47,7 @@ from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, TEACHER, BatchCache, Episode, TurnCache, collate, end_of_turn_id, episode_sums,
                             generate_replies, pack_by_tokens, start_episodes, step_envs)
 from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
-from common.runs import Run, check_rollout_args, eval_batch, gathered, seed_everything
+from common.runs import Run, check_rollout_args, eval_batch, gathered, minibatch_plan, seed_everything
 from common.teacher import score_teacher, token_logprobs
 from common.user import env_user
 
@@ -115,7 +115,7 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
     num_minibatches: int = 8
-    """optimizer steps per iteration: the rollout batch is split into this many mini-batches"""
+    """optimizer steps per iteration: the rollout batch is shuffled and split into this many mini-batches"""
     micro_batch_tokens: int | None = None
     """token budget of one forward/backward micro-batch, gradient accumulation within a mini-batch (auto:
     4096 tiny, 16384 real)"""
@@ -149,9 +149,12 @@ class Args:
     curriculum: Literal["cosine", "linear", "constant", "step"] = "cosine"
     """shape of the beta curriculum: constant keeps beta_start; step jumps from beta_start to beta_end at
     the end of the curriculum (off-policy, then on-policy: an ablation)"""
-    student_loss: Literal["sampled", "full"] | None = None
-    """student turns: `sampled` = the paper's sampled-token reverse KL (scales to a 151k vocabulary) or `full`
-    = the exact reverse KL over the vocabulary (auto: full tiny, sampled real)"""
+    student_loss: Literal["sampled", "topk", "full"] | None = None
+    """student turns: `sampled` = the paper's sampled-token reverse KL; `topk` = the reverse KL over the teacher's
+    top --topk tokens and one bucket for the rest (scales to a 151k vocabulary; it taught where `sampled` did not,
+    README); `full` = the exact reverse KL over the vocabulary (auto: full tiny, topk real)"""
+    topk: int = 64
+    """topk: the teacher's k most likely tokens at each position"""
     teacher_loss: Literal["ce", "full", "none"] | None = None
     """teacher turns: `ce` = cross-entropy on the teacher's tokens (the paper's), `full` = the exact forward KL
     over the vocabulary, `none` = context only, not trained (auto: full tiny, ce real)"""
@@ -163,16 +166,24 @@ class Args:
     adv_baseline: bool = False
     """sampled form: subtract the micro-batch's mean advantage over its student tokens from each one's (a
     constant baseline: the same expected gradient, less variance)"""
+    ratio_max: float = 2.0
+    """sampled form: weigh each token's term by the importance ratio pi_s / pi_s(rollout), at most ratio_max
+    (truncated importance sampling: later mini-batches stay on-policy in expectation); 0 = no ratio, the plain
+    estimator (off-policy after the first mini-batch)"""
     ratio_clip: float = 0.0
-    """sampled form: weigh each token by pi_s / pi_s(rollout), clipped to 1 +- ratio_clip as PPO, with the
-    advantage of the rollout-time student (0 = the plain estimator, no ratio)"""
+    """sampled form: PPO's clipped surrogate instead, the ratio clipped to 1 +- ratio_clip with the advantage of
+    the rollout-time student (0 = off; when set, --ratio-max is not used)"""
+    real_losses: bool = False
+    """with a tiny student: train with the real-model losses (REAL_LOSSES: --student-loss and --teacher-loss as a
+    real run takes them), everything else the tiny default's, to see them teach on a CPU"""
 
 
 # "Auto" arguments (None above): the embedded tiny default's values, and a real model's.
 TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=1e-3, micro_batch_tokens=4096,
             student_loss="full", teacher_loss="full")
 REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
-            student_loss="sampled", teacher_loss="ce")
+            student_loss="topk", teacher_loss="ce")
+REAL_LOSSES = ("student_loss", "teacher_loss")  # what --real-losses takes from REAL
 REAL_TEACHER = "qwen3-8b"
 
 
@@ -287,6 +298,28 @@ def clipped_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, log
     return -torch.min(ratio * advantage, ratio.clamp(1 - ratio_clip, 1 + ratio_clip) * advantage)
 
 
+def truncated_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, logp_t: torch.Tensor, ratio_max: float,
+                                 adv_clip: float = 0.0, baseline: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """The sampled form on tokens drawn by the rollout-time student pi_old, a few optimizer steps ago (truncated
+    importance sampling): the plain form's loss weighted by stopgrad(min(r_t, c)), r_t = pi_s(y_t) / pi_old(y_t).
+    Below the cap c its expected gradient under y_t ~ pi_old is E_old[r_t (log pi_s - log pi_t) grad log pi_s]
+    = grad KL(pi_s || pi_t) at the current student; at r_t = 1 it is the plain form's."""
+    weight = torch.exp(logp_s - logp_old).detach().clamp(max=ratio_max)
+    return weight * sampled_reverse_kl(logp_s, logp_t, adv_clip, baseline)
+
+
+def topk_reverse_kl(at_s: torch.Tensor, topk_t: torch.Tensor) -> torch.Tensor:
+    """The reverse KL over k + 1 buckets: the teacher's top-k tokens v (log-probs [..., k] of student and
+    teacher at them) and the tail R of all other tokens, p(R) = 1 - sum_v p(v): sum over the buckets of
+    p_s log(p_s / p_t), a lower bound of KL(pi_s || pi_t) that is exact when the tail is one token or empty.
+    No sampling: every position's whole top-k is trained, whichever token the student drew there."""
+    def with_tail(logp: torch.Tensor) -> torch.Tensor:  # log p(R), floored at 1e-6 (fp32 resolves no finer)
+        return torch.cat([logp, torch.log((-torch.expm1(logp.logsumexp(-1))).clamp(min=1e-6)).unsqueeze(-1)], -1)
+    at_s, topk_t = with_tail(at_s), with_tail(topk_t)
+    p_s, p_t = at_s.exp(), topk_t.exp()
+    return (p_s * (at_s - topk_t) - p_s + p_t).sum(-1)
+
+
 def full_reverse_kl(full_s: torch.Tensor, full_t: torch.Tensor) -> torch.Tensor:
     """KL(pi_s || pi_t) = sum_v pi_s(v) (log pi_s(v) - log pi_t(v)), from full log-prob rows [N, V]."""
     return (full_s.exp() * (full_s - full_t)).sum(-1)
@@ -305,7 +338,8 @@ def guided_opd_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, torch.
     s_mask = mb["loss_mask"] & (mb["role"] == STUDENT)
     t_mask = mb["loss_mask"] & (mb["role"] == TEACHER)
     full = args.student_loss == "full" or args.teacher_loss == "full"
-    s = token_logprobs(student, mb["input_ids"], mb["attention_mask"], mb["loss_mask"], full=full)
+    s = token_logprobs(student, mb["input_ids"], mb["attention_mask"], mb["loss_mask"], full=full,
+                       at=mb.get("teacher_topk_ids"))
     logp_s, logp_t = s.logp, mb["teacher_logp"]
 
     baseline = 0.0
@@ -313,8 +347,12 @@ def guided_opd_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, torch.
         a = logp_t - (mb["old_logp"] if args.ratio_clip > 0 else logp_s.detach())
         a = a.clamp(-args.adv_clip, args.adv_clip) if args.adv_clip > 0 else a
         baseline = (a * s_mask).sum() / s_mask.sum().clamp(min=1)
-    if args.student_loss == "sampled" and args.ratio_clip > 0:
+    if args.student_loss == "topk":
+        rkl_tokens = topk_reverse_kl(s.at_logp, mb["teacher_topk_logp"])
+    elif "old_logp" in mb and args.ratio_clip > 0:
         rkl_tokens = clipped_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_clip, args.adv_clip, baseline)
+    elif "old_logp" in mb and args.ratio_max > 0:
+        rkl_tokens = truncated_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_max, args.adv_clip, baseline)
     else:
         rkl_tokens = sampled_reverse_kl(logp_s, logp_t, args.adv_clip, baseline)
     fkl_tokens = -logp_s  # teacher turns: forward KL with only the sampled tokens known = cross-entropy
@@ -336,8 +374,10 @@ def guided_opd_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, torch.
             "student_tokens": s_mask.sum().item(),
             "teacher_tokens": t_mask.sum().item(),
         }
-        if "old_logp" in mb:  # share of student tokens whose ratio left the clip range
-            stats["clipped"] = (((logp_s - mb["old_logp"]).exp() - 1).abs().gt(args.ratio_clip) & s_mask).sum().item()
+        if "old_logp" in mb:  # share of student tokens whose ratio left the clip range (above the cap, truncated)
+            ratio = (logp_s - mb["old_logp"]).exp()
+            out = (ratio - 1).abs().gt(args.ratio_clip) if args.ratio_clip > 0 else ratio.gt(args.ratio_max)
+            stats["clipped"] = (out & s_mask).sum().item()
     return pg_sum, ce_sum, stats
 
 
@@ -362,11 +402,12 @@ def shard(model, device, trainable: bool, activation_checkpointing: bool = False
 
 
 def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher_scores, old_logp, beta: float,
-               args: Args, world: int, device) -> dict:
+               plan: list[int], args: Args, world: int, device) -> dict:
     """One iteration's updates. The rollout batch is split into --num-minibatches mini-batches, one optimizer
-    step each (as verl's PPO mini-batches): a tiny model needs many steps, and rollouts cost the most.
-    Inside a mini-batch, micro-batches of at most --micro-batch-tokens accumulate gradients. Returns the
-    summed statistics of the micro-batches and the mean gradient norm."""
+    step each (as verl's PPO mini-batches): a tiny model needs many steps, and rollouts cost the most. The
+    split is `plan` (a shuffle of the batch's slots, the same on every rank): each step sees a random share of
+    the episodes. Inside a mini-batch, micro-batches of at most --micro-batch-tokens accumulate gradients.
+    Returns the summed statistics of the micro-batches and the mean gradient norm."""
     loss_mask = batch["loss_mask"]
     full_rows = None
     if teacher_scores.full is not None:  # map each trained position to its row of the teacher's full distributions
@@ -375,7 +416,7 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
     trained = loss_mask & ((batch["role"] == STUDENT) | torch.tensor(args.teacher_loss != "none"))
     stats_sum, grad_norms, skipped = {}, [], 0
     for m in range(args.num_minibatches):
-        rows = list(range(m, len(episodes), args.num_minibatches))
+        rows = [i for i, ep in enumerate(episodes) if plan[ep.slot] == m]
         counts = all_sum({"tokens": int(trained[rows].sum()), "student": int((loss_mask & (batch["role"] == STUDENT))[rows].sum()),
                           "teacher": int((trained & (batch["role"] == TEACHER))[rows].sum())})
         order = sorted(rows, key=lambda r: len(episodes[r]))  # similar lengths together: less padding
@@ -391,6 +432,9 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
             mb["teacher_logp"] = teacher_scores.logp[idx, :width].to(device)
             if full_rows is not None:
                 mb["teacher_full"] = teacher_scores.full[full_rows[idx, :width][loss_mask[idx, :width]]].to(device)
+            if teacher_scores.topk_ids is not None:
+                mb["teacher_topk_logp"] = teacher_scores.topk_logp[idx, :width].to(device)
+                mb["teacher_topk_ids"] = teacher_scores.topk_ids[idx, :width].to(device)
             if old_logp is not None:
                 mb["old_logp"] = old_logp[idx, :width].to(device)
             pg_sum, ce_sum, stats = guided_opd_loss(student, mb, args)
@@ -421,9 +465,11 @@ def check_args(args: Args) -> None:
     if args.temperature != 1 and (args.student_loss == "sampled" or args.teacher_loss == "ce"):
         raise SystemExit("error: --temperature must be 1 with the sampled losses (their log-probs are of the untempered "
                          "models); sample at another temperature only with --student-loss full and --teacher-loss full or none")
-    if not (0 <= args.beta_end <= 1 and 0 <= args.beta_start <= 1) or args.adv_clip < 0 or args.ratio_clip < 0:
-        raise SystemExit("error: --beta-start and --beta-end must be between 0 and 1, --adv-clip and --ratio-clip 0 (off) "
-                         "or positive")
+    if not (0 <= args.beta_end <= 1 and 0 <= args.beta_start <= 1) or min(args.adv_clip, args.ratio_clip, args.ratio_max) < 0:
+        raise SystemExit("error: --beta-start and --beta-end must be between 0 and 1, --adv-clip, --ratio-clip and "
+                         "--ratio-max 0 (off) or positive")
+    if args.topk < 1:
+        raise SystemExit("error: --topk must be at least 1")
     if args.ratio_clip and args.student_loss != "sampled":
         raise SystemExit("error: --ratio-clip weighs the sampled form's tokens: use it with --student-loss sampled, or drop it")
     if args.batch_cache and not args.cache_turns:
@@ -433,7 +479,7 @@ def check_args(args: Args) -> None:
 if __name__ == "__main__":
     # ---- INFRASTRUCTURE: arguments, process group, seeds, models, run folder (common/ holds the details) ----
     args = tyro.cli(Args)
-    fill_defaults(args, TINY, REAL)
+    fill_defaults(args, TINY, REAL, REAL_LOSSES)
     check_args(args)
     rank, world, device = setup()
     try:
@@ -488,24 +534,28 @@ if __name__ == "__main__":
         seeds = [(iteration * world + rank) * args.num_envs + j for j in range(args.num_envs)]
         with gathered(student, teacher):
             episodes = rollout(student, teacher, tokenizer, pool, seeds, beta, args, sampler, args.temperature, max_turns)
+        for j, ep in enumerate(episodes):
+            ep.slot = rank * args.num_envs + j  # its place in the batch over every rank: picks its mini-batch
         episodes = run.drop_failed(episodes, iteration)  # those whose env failed; a signal or too many stop the run
         t_rollout = time.time() - t0
 
         # Teacher scoring: log pi_t of every agent token (student turns need it for the advantage; the
-        # teacher's own turns for the logged forward KL), full distributions only for the exact losses.
-        # With --ratio-clip the student's own rollout-time log-probs too (the ratio's denominator).
+        # teacher's own turns for the logged forward KL), its top-k for --student-loss topk, full distributions
+        # only for the exact losses. For the sampled form's ratio, the student's rollout-time log-probs too.
         t0 = time.time()
         batch = collate(episodes, tokenizer.pad_token_id)
         need_full = args.student_loss == "full" or args.teacher_loss == "full"
-        scores = score_teacher(teacher, batch, batch["loss_mask"], args.micro_batch_tokens, full=need_full)
+        scores = score_teacher(teacher, batch, batch["loss_mask"], args.micro_batch_tokens, full=need_full,
+                               topk=args.topk if args.student_loss == "topk" else 0)
         old_logp = None
-        if args.student_loss == "sampled" and args.ratio_clip > 0:
+        if args.student_loss == "sampled" and (args.ratio_clip > 0 or args.ratio_max > 0):
             old_logp = score_teacher(student, batch, batch["loss_mask"], args.micro_batch_tokens).logp
         t_teacher = time.time() - t0
 
-        # ALGO LOGIC: the training step
+        # ALGO LOGIC: the training step, on mini-batches that shuffle the batch's slots (drawn from --seed, iteration)
         t0 = time.time()
-        step = train_step(student, optimizer, episodes, batch, scores, old_logp, beta, args, world, device)
+        plan = minibatch_plan([0] * (args.num_envs * world), args.num_minibatches, random.Random(f"{args.seed}/mb/{iteration}"))
+        step = train_step(student, optimizer, episodes, batch, scores, old_logp, beta, plan, args, world, device)
         t_train = time.time() - t0
 
         # ---- INFRASTRUCTURE: logging (sums over every rank's episodes and micro-batches), eval, checkpoint ----

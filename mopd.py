@@ -53,7 +53,7 @@ from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, Episode, TurnCache, collate, end_of_turn_id, episode_means, episode_sums,
                             generate_replies, pack_by_tokens, start_episodes, step_envs)
 from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
-from common.runs import Run, check_rollout_args, eval_batch, gathered, seed_everything
+from common.runs import Run, check_rollout_args, eval_batch, gathered, minibatch_plan, seed_everything
 from common.teacher import Teachers, score_teacher, token_logprobs
 from common.user import env_user
 
@@ -121,8 +121,9 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
-    num_minibatches: int = 8
-    """optimizer steps per iteration: the rollout batch is split into this many mini-batches"""
+    num_minibatches: int = 4
+    """optimizer steps per iteration: the rollout batch is split into this many mini-batches, each holding every
+    domain in the batch's ratio (so at most the smallest domain's count of the batch)"""
     micro_batch_tokens: int | None = None
     """token budget of one forward/backward micro-batch, gradient accumulation within a mini-batch (auto:
     4096 tiny, 16384 real)"""
@@ -161,9 +162,15 @@ class Args:
     route: str = "domain"
     """`domain`: each trajectory is scored by its own domain's teacher (MOPD); a domain's name: that domain's
     teacher scores every domain (the routing ablation; normalised scores still use each domain's own teacher)"""
+    ratio_max: float = 2.0
+    """pg: weigh each token's term by the importance ratio pi_s / pi_s(rollout), at most ratio_max (truncated
+    importance sampling: later mini-batches stay on-policy in expectation); 0 = no ratio, the plain estimator"""
     ratio_clip: float = 0.0
-    """pg: weigh each token by pi_s / pi_s(rollout), clipped to 1 +- ratio_clip as PPO, with the advantage of
-    the rollout-time student (0 = the plain estimator, no ratio)"""
+    """pg: PPO's clipped surrogate instead, the ratio clipped to 1 +- ratio_clip with the advantage of the
+    rollout-time student (0 = off; when set, --ratio-max is not used)"""
+    real_losses: bool = False
+    """with a tiny student: train with the real-model loss (REAL_LOSSES: --loss as a real run takes it),
+    everything else the tiny default's, to see it teach on a CPU"""
 
 
 # "Auto" arguments (None above): the embedded tiny default's values, and a real model's.
@@ -171,6 +178,7 @@ TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=5e-
             loss="full")
 REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
             loss="topk")
+REAL_LOSSES = ("loss",)  # what --real-losses takes from REAL
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,6 +304,16 @@ def clipped_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, log
     return -torch.min(ratio * advantage, ratio.clamp(1 - ratio_clip, 1 + ratio_clip) * advantage)
 
 
+def truncated_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, logp_t: torch.Tensor, ratio_max: float,
+                                 adv_clip: float = 0.0) -> torch.Tensor:
+    """The pg form on tokens drawn by the rollout-time student pi_old, a few optimizer steps ago (truncated
+    importance sampling): the plain form's loss weighted by stopgrad(min(r_t, c)), r_t = pi_s(y_t) / pi_old(y_t).
+    Unclipped and below the cap its expected gradient under y_t ~ pi_old is grad KL(pi_s || pi_t) at the current
+    student; at r_t = 1 it is the plain form's."""
+    weight = torch.exp(logp_s - logp_old).detach().clamp(max=ratio_max)
+    return weight * sampled_reverse_kl(logp_s, logp_t, adv_clip)
+
+
 def topk_reverse_kl(at_s: torch.Tensor, topk_t: torch.Tensor, tail: bool = False) -> torch.Tensor:
     """Over the teacher's top-k tokens v (log-probs [..., k] of student and teacher at those tokens):
     sum_v [p_s(v) log(p_s(v) / p_t(v)) - p_s(v) + p_t(v)], not renormalised; each term is >= 0, and with
@@ -331,8 +349,10 @@ def mopd_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, dict]:
     s = token_logprobs(student, mb["input_ids"], mb["attention_mask"], mask, full=args.loss == "full",
                        at=mb.get("teacher_topk_ids"))
     logp_s, logp_t = s.logp, mb["teacher_logp"]
-    if args.loss == "pg" and args.ratio_clip > 0:
+    if args.loss == "pg" and "old_logp" in mb and args.ratio_clip > 0:
         tokens = clipped_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_clip, args.adv_clip)
+    elif args.loss == "pg" and "old_logp" in mb and args.ratio_max > 0:
+        tokens = truncated_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_max, args.adv_clip)
     elif args.loss == "pg":
         tokens = sampled_reverse_kl(logp_s, logp_t, args.adv_clip)
     elif args.loss == "topk":
@@ -348,8 +368,10 @@ def mopd_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, dict]:
         for d in range(len(args.domains)):  # per domain (by index), to see what each teacher says
             rows = mb["domain"][:, 0] == d
             stats[f"{d}/reverse_kl"], stats[f"{d}/sequences"] = rkl[rows].sum().item(), mask[rows].any(-1).sum().item()
-        if "old_logp" in mb:  # share of tokens whose ratio left the clip range
-            stats["clipped"] = (((logp_s - mb["old_logp"]).exp() - 1).abs().gt(args.ratio_clip) & mask).sum().item()
+        if "old_logp" in mb:  # share of tokens whose ratio left the clip range (above the cap, truncated)
+            ratio = (logp_s - mb["old_logp"]).exp()
+            out = (ratio - 1).abs().gt(args.ratio_clip) if args.ratio_clip > 0 else ratio.gt(args.ratio_max)
+            stats["clipped"] = (out & mask).sum().item()
     return per_sequence.sum(), stats
 
 
@@ -373,11 +395,12 @@ def shard(model, device, trainable: bool, activation_checkpointing: bool = False
     return model
 
 
-def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher_scores, old_logp, args: Args,
-               world: int, device) -> dict:
+def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher_scores, old_logp, plan: list[int],
+               args: Args, world: int, device) -> dict:
     """One iteration's updates. The rollout batch is split into --num-minibatches mini-batches, one optimizer
-    step each (as verl's PPO mini-batches): a tiny model needs many steps, and rollouts cost the most.
-    Inside a mini-batch, micro-batches of at most --micro-batch-tokens accumulate gradients. Returns the
+    step each (as verl's PPO mini-batches): a tiny model needs many steps, and rollouts cost the most. The split
+    is `plan` (the same on every rank): every mini-batch holds every domain in the batch's ratio, as the paper's
+    batches do, its episodes shuffled. Inside a mini-batch, micro-batches of at most --micro-batch-tokens accumulate gradients. Returns the
     summed statistics of the micro-batches and the mean gradient norm."""
     loss_mask = batch["loss_mask"]
     full_rows = None
@@ -386,7 +409,7 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
         full_rows[loss_mask] = torch.arange(int(loss_mask.sum()))
     stats_sum, grad_norms, skipped = {}, [], 0
     for m in range(args.num_minibatches):
-        rows = list(range(m, len(episodes), args.num_minibatches))
+        rows = [i for i, ep in enumerate(episodes) if plan[ep.slot] == m]
         counts = all_sum({"sequences": int(loss_mask[rows].any(-1).sum())})
         order = sorted(rows, key=lambda r: len(episodes[r]))  # similar lengths together: less padding
         groups = pack_by_tokens([len(e) for e in episodes], args.micro_batch_tokens, order)
@@ -443,15 +466,15 @@ def check_args(args: Args) -> None:
     if args.domain_weights is not None and (len(args.domain_weights) != len(specs) or min(args.domain_weights) <= 0):
         raise SystemExit(f"error: --domain-weights needs {len(specs)} positive numbers (one per domain, in --domains "
                          f"order), got {' '.join(map(str, args.domain_weights)) or 'none'}")
-    if args.adv_clip < 0 or args.ratio_clip < 0 or args.topk < 1 or (args.ratio_clip and args.loss != "pg"):
-        raise SystemExit("error: --adv-clip and --ratio-clip must be 0 (off) or positive (--ratio-clip with --loss pg "
+    if min(args.adv_clip, args.ratio_clip, args.ratio_max) < 0 or args.topk < 1 or (args.ratio_clip and args.loss != "pg"):
+        raise SystemExit("error: --adv-clip, --ratio-clip and --ratio-max must be 0 (off) or positive (--ratio-clip with --loss pg "
                          "only), --topk at least 1")
 
 
 if __name__ == "__main__":
     # ---- INFRASTRUCTURE: arguments, process group, seeds, models, run folder (common/ holds the details) ----
     args = tyro.cli(Args)
-    fill_defaults(args, TINY, REAL)
+    fill_defaults(args, TINY, REAL, REAL_LOSSES)
     check_args(args)
     rank, world, device = setup()
     args.student = student_name(args.student, args.domains[0].partition("@")[0])
@@ -542,6 +565,8 @@ if __name__ == "__main__":
         play = [pool(d, "train", mine.count(d))[mine[:j].count(d)] for j, d in enumerate(mine)]
         with gathered(student):
             episodes = rollout(student, tokenizer, play, mine, seeds, args, sampler, args.temperature, max_turns)
+        for j, ep in enumerate(episodes):
+            ep.slot = rank * args.num_envs + j  # its place in the batch over every rank: picks its mini-batch
         episodes = run.drop_failed(episodes, iteration)  # those whose env failed; a signal or too many stop the run
         draws = [names.index(ep.task) for ep in episodes]
         t_rollout = time.time() - t0
@@ -554,13 +579,16 @@ if __name__ == "__main__":
         scores = teachers.score(batch, batch["loss_mask"], [route[ep.task] for ep in episodes],
                                 topk=args.topk if args.loss == "topk" else 0, full=args.loss == "full")
         old_logp = None
-        if args.loss == "pg" and args.ratio_clip > 0:
+        if args.loss == "pg" and (args.ratio_clip > 0 or args.ratio_max > 0):
             old_logp = score_teacher(student, batch, batch["loss_mask"], args.micro_batch_tokens).logp
         t_teacher = time.time() - t0
 
-        # ALGO LOGIC: the training step
         t0 = time.time()
-        step = train_step(student, optimizer, episodes, batch, scores, old_logp, args, world, device)
+        # ALGO LOGIC: the training step, on mini-batches that hold every domain in the batch's ratio (the slots of
+        # each domain shuffled and dealt in turn, drawn from --seed and the iteration)
+        plan = minibatch_plan(domain_draws(iteration, args.num_envs * world, weights, args.seed), args.num_minibatches,
+                              random.Random(f"{args.seed}/mb/{iteration}"))
+        step = train_step(student, optimizer, episodes, batch, scores, old_logp, plan, args, world, device)
         t_train = time.time() - t0
 
         # ---- INFRASTRUCTURE: logging (sums over every rank's episodes and micro-batches), eval, checkpoint ----

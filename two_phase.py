@@ -40,7 +40,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -52,7 +52,7 @@ from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, TEACHER, Episode, TurnCache, collate, end_of_turn_id, episode_sums,
                             generate_replies, pack_by_tokens, start_episodes, step_envs)
 from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
-from common.runs import Run, check_rollout_args, eval_batch, evaluate, gathered, seed_everything
+from common.runs import Run, check_rollout_args, eval_batch, evaluate, gathered, minibatch_plan, seed_everything
 from common.teacher import Teachers, score_teacher, token_logprobs
 from common.user import env_user
 
@@ -122,8 +122,9 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
-    num_minibatches: int = 12
-    """optimizer steps per iteration: the batch is split into this many mini-batches"""
+    num_minibatches: int = 4
+    """optimizer steps per iteration: the batch is split into this many mini-batches, each holding every task
+    in the batch's ratio (so at most the smallest task's count of the batch)"""
     micro_batch_tokens: int | None = None
     """token budget of one forward/backward micro-batch, gradient accumulation within a mini-batch (auto:
     4096 tiny, 16384 real)"""
@@ -154,17 +155,27 @@ class Args:
     """keep only the experts' solved episodes as phase 1 data"""
     expert_temperature: float = 1.0
     """sampling temperature of the experts' episodes (0 = greedy: one trajectory per seed)"""
-    student_loss: Literal["sampled", "full"] | None = None
-    """phase 2: `sampled` = the paper's sampled-token reverse KL (scales to a 151k vocabulary) or `full` = the
-    exact reverse KL over the vocabulary (auto: full tiny, sampled real)"""
+    student_loss: Literal["sampled", "topk", "full"] | None = None
+    """phase 2: `sampled` = the paper's sampled-token reverse KL; `topk` = the reverse KL over the expert's top
+    --topk tokens and one bucket for the rest (scales to a 151k vocabulary; it taught where `sampled` did not,
+    README); `full` = the exact reverse KL over the vocabulary (auto: full tiny, topk real)"""
+    topk: int = 64
+    """topk: the expert's k most likely tokens at each position"""
     teacher_loss: Literal["ce", "full"] | None = None
     """phase 1: `ce` = cross-entropy on the experts' tokens (the paper's SFT), `full` = the exact forward KL over
     the vocabulary (auto: full tiny, ce real)"""
     adv_clip: float = 0.0
     """clip the sampled form's per-token advantage log pi_T - log pi_s to +-adv_clip (0 = no clip)"""
+    ratio_max: float = 2.0
+    """phase 2's sampled form: weigh each token's term by the importance ratio pi_s / pi_s(rollout), at most
+    ratio_max (truncated importance sampling: later mini-batches stay on-policy in expectation); 0 = no ratio,
+    the plain estimator"""
     ratio_clip: float = 0.0
-    """phase 2's sampled form: weigh each token by pi_s / pi_s(rollout), clipped to 1 +- ratio_clip as PPO, with
-    the advantage of the rollout-time student (0 = the plain estimator, no ratio)"""
+    """phase 2's sampled form: PPO's clipped surrogate instead, the ratio clipped to 1 +- ratio_clip with the
+    advantage of the rollout-time student (0 = off; when set, --ratio-max is not used)"""
+    real_losses: bool = False
+    """with a tiny student: train with the real-model losses (REAL_LOSSES: --teacher-loss and --student-loss as a
+    real run takes them), everything else the tiny default's, to see them teach on a CPU"""
 
     @property
     def total_iterations(self) -> int:
@@ -175,7 +186,8 @@ class Args:
 TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=2e-3, phase2_learning_rate=5e-4,
             micro_batch_tokens=4096, student_loss="full", teacher_loss="full")
 REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
-            student_loss="sampled", teacher_loss="ce")
+            student_loss="topk", teacher_loss="ce")
+REAL_LOSSES = ("student_loss", "teacher_loss")  # what --real-losses takes from REAL
 REAL_TEACHER = "qwen3-8b"
 
 
@@ -273,10 +285,10 @@ def collect_expert_data(experts: Teachers, tokenizer, pools: dict, args: Args, s
     return data, rates
 
 
-def score_by_task(experts: Teachers, batch: dict, episodes: list[Episode], full: bool):
+def score_by_task(experts: Teachers, batch: dict, episodes: list[Episode], full: bool, topk: int = 0):
     """Each episode scored by its own task's expert only (the paper: "for a prompt from task i, ... the
-    corresponding teacher"): log pi_T at every agent token, and the full rows for the exact losses."""
-    return experts.score(batch, batch["loss_mask"], [ep.task for ep in episodes], full=full)
+    corresponding teacher"): log pi_T at every agent token, its top-k or the full rows for those losses."""
+    return experts.score(batch, batch["loss_mask"], [ep.task for ep in episodes], full=full, topk=topk)
 
 
 def expert_batch(data: dict, iteration: int, args: Args, rank: int, world: int) -> list[Episode]:
@@ -290,7 +302,7 @@ def expert_batch(data: dict, iteration: int, args: Args, rank: int, world: int) 
         k = iteration * ((args.num_envs * world - slot % n_tasks + n_tasks - 1) // n_tasks) + slot // n_tasks
         epoch, i = divmod(k, len(data[task]))
         order = random.Random(f"{args.seed}/{task}/{epoch}").sample(range(len(data[task])), len(data[task]))
-        batch.append(data[task][order[i]])
+        batch.append(replace(data[task][order[i]], slot=slot))  # a copy that knows its slot (picks its mini-batch)
     return batch
 
 
@@ -320,6 +332,28 @@ def clipped_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, log
     return -torch.min(ratio * advantage, ratio.clamp(1 - ratio_clip, 1 + ratio_clip) * advantage)
 
 
+def truncated_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, logp_t: torch.Tensor, ratio_max: float,
+                                 adv_clip: float = 0.0) -> torch.Tensor:
+    """Phase 2's sampled form on tokens drawn by the rollout-time student pi_old, a few optimizer steps ago
+    (truncated importance sampling): the plain form's loss weighted by stopgrad(min(r_t, c)), r_t = pi_s(y_t) /
+    pi_old(y_t). Below the cap its expected gradient under y_t ~ pi_old is grad KL(pi_s || pi_T) at the current
+    student; at r_t = 1 it is the plain form's."""
+    weight = torch.exp(logp_s - logp_old).detach().clamp(max=ratio_max)
+    return weight * sampled_reverse_kl(logp_s, logp_t, adv_clip)
+
+
+def topk_reverse_kl(at_s: torch.Tensor, topk_t: torch.Tensor) -> torch.Tensor:
+    """Phase 2's reverse KL over k + 1 buckets: the expert's top-k tokens v (log-probs [..., k] of student and
+    expert at them) and the tail R of all other tokens, p(R) = 1 - sum_v p(v): sum over the buckets of
+    p_s log(p_s / p_T), a lower bound of KL(pi_s || pi_T) that is exact when the tail is one token or empty.
+    No sampling: every position's whole top-k is trained, whichever token the student drew there."""
+    def with_tail(logp: torch.Tensor) -> torch.Tensor:  # log p(R), floored at 1e-6 (fp32 resolves no finer)
+        return torch.cat([logp, torch.log((-torch.expm1(logp.logsumexp(-1))).clamp(min=1e-6)).unsqueeze(-1)], -1)
+    at_s, topk_t = with_tail(at_s), with_tail(topk_t)
+    p_s, p_t = at_s.exp(), topk_t.exp()
+    return (p_s * (at_s - topk_t) - p_s + p_t).sum(-1)
+
+
 def full_reverse_kl(full_s: torch.Tensor, full_t: torch.Tensor) -> torch.Tensor:
     """KL(pi_s || pi_T) = sum_v pi_s(v) (log pi_s(v) - log pi_T(v)), from full log-prob rows [N, V]."""
     return (full_s.exp() * (full_s - full_t)).sum(-1)
@@ -338,11 +372,16 @@ def two_phase_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, torch.T
     s_mask = mb["loss_mask"] & (mb["role"] == STUDENT)
     t_mask = mb["loss_mask"] & (mb["role"] == TEACHER)
     full = "teacher_full" in mb
-    s = token_logprobs(student, mb["input_ids"], mb["attention_mask"], mb["loss_mask"], full=full)
+    s = token_logprobs(student, mb["input_ids"], mb["attention_mask"], mb["loss_mask"], full=full,
+                       at=mb.get("teacher_topk_ids"))
     logp_s, logp_t = s.logp, mb["teacher_logp"]
 
-    if args.ratio_clip > 0 and "old_logp" in mb:  # phase 2's sampled form with --ratio-clip
+    if "teacher_topk_ids" in mb:  # phase 2 with --student-loss topk
+        rkl_tokens = topk_reverse_kl(s.at_logp, mb["teacher_topk_logp"])
+    elif args.ratio_clip > 0 and "old_logp" in mb:  # phase 2's sampled form with --ratio-clip
         rkl_tokens = clipped_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_clip, args.adv_clip)
+    elif "old_logp" in mb and args.ratio_max > 0:  # phase 2's sampled form, truncated ratio
+        rkl_tokens = truncated_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_max, args.adv_clip)
     else:
         rkl_tokens = sampled_reverse_kl(logp_s, logp_t, args.adv_clip)
     fkl_tokens = -logp_s  # phase 1: forward KL with only the expert's sampled tokens known = cross-entropy
@@ -362,8 +401,10 @@ def two_phase_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, torch.T
             "student_tokens": s_mask.sum().item(),
             "teacher_tokens": t_mask.sum().item(),
         }
-        if "old_logp" in mb:  # share of student tokens whose ratio left the clip range
-            stats["clipped"] = (((logp_s - mb["old_logp"]).exp() - 1).abs().gt(args.ratio_clip) & s_mask).sum().item()
+        if "old_logp" in mb:  # share of student tokens whose ratio left the clip range (above the cap, truncated)
+            ratio = (logp_s - mb["old_logp"]).exp()
+            out = (ratio - 1).abs().gt(args.ratio_clip) if args.ratio_clip > 0 else ratio.gt(args.ratio_max)
+            stats["clipped"] = (out & s_mask).sum().item()
     return pg_sum, ce_sum, stats
 
 
@@ -387,10 +428,12 @@ def shard(model, device, trainable: bool, activation_checkpointing: bool = False
     return model
 
 
-def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher_scores, old_logp, args: Args,
-               world: int, device) -> dict:
+def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher_scores, old_logp, plan: list[int],
+               args: Args, world: int, device) -> dict:
     """One iteration's updates. The batch is split into --num-minibatches mini-batches, one optimizer step
-    each (as verl's PPO mini-batches): a tiny model needs many steps, and rollouts cost the most. Inside a
+    each (as verl's PPO mini-batches): a tiny model needs many steps, and rollouts cost the most. The split is
+    `plan` (the same on every rank): every mini-batch holds every task in the batch's ratio, its episodes
+    shuffled (the paper keeps the tasks balanced in every batch). Inside a
     mini-batch, micro-batches of at most --micro-batch-tokens accumulate gradients; the loss is the token
     mean over the mini-batch's trained tokens (the experts' or the student's). Returns the summed statistics
     of the micro-batches and the mean gradient norm."""
@@ -401,7 +444,7 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
         full_rows[loss_mask] = torch.arange(int(loss_mask.sum()))
     stats_sum, grad_norms, skipped = {}, [], 0
     for m in range(args.num_minibatches):
-        rows = list(range(m, len(episodes), args.num_minibatches))
+        rows = [i for i, ep in enumerate(episodes) if plan[ep.slot] == m]
         n_tokens = all_sum({"tokens": int(loss_mask[rows].sum())})["tokens"]
         order = sorted(rows, key=lambda r: len(episodes[r]))  # similar lengths together: less padding
         groups = pack_by_tokens([len(e) for e in episodes], args.micro_batch_tokens, order)
@@ -416,6 +459,9 @@ def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher
             mb["teacher_logp"] = teacher_scores.logp[idx, :width].to(device)
             if full_rows is not None:
                 mb["teacher_full"] = teacher_scores.full[full_rows[idx, :width][loss_mask[idx, :width]]].to(device)
+            if teacher_scores.topk_ids is not None:
+                mb["teacher_topk_logp"] = teacher_scores.topk_logp[idx, :width].to(device)
+                mb["teacher_topk_ids"] = teacher_scores.topk_ids[idx, :width].to(device)
             if old_logp is not None:
                 mb["old_logp"] = old_logp[idx, :width].to(device)
             pg_sum, ce_sum, stats = two_phase_loss(student, mb, args)
@@ -452,15 +498,15 @@ def check_args(args: Args) -> None:
     if args.temperature != 1 and args.student_loss == "sampled":
         raise SystemExit("error: --temperature must be 1 with the sampled reverse KL (its log-probs are of the "
                          "untempered models); sample at another temperature only with --student-loss full")
-    if args.expert_temperature < 0 or args.adv_clip < 0 or args.ratio_clip < 0:
-        raise SystemExit("error: --expert-temperature must be 0 (greedy) or more, --adv-clip and --ratio-clip 0 (off) "
-                         "or positive")
+    if args.expert_temperature < 0 or min(args.adv_clip, args.ratio_clip, args.ratio_max) < 0 or args.topk < 1:
+        raise SystemExit("error: --expert-temperature must be 0 (greedy) or more, --adv-clip, --ratio-clip and "
+                         "--ratio-max 0 (off) or positive, --topk at least 1")
 
 
 if __name__ == "__main__":
     # ---- INFRASTRUCTURE: arguments, process group, seeds, models, run folder (common/ holds the details) ----
     args = tyro.cli(Args)
-    fill_defaults(args, TINY, REAL)
+    fill_defaults(args, TINY, REAL, REAL_LOSSES)
     if args.phase2_learning_rate is None:  # a real student's auto: phase 1's
         args.phase2_learning_rate = args.learning_rate
     check_args(args)
@@ -564,24 +610,30 @@ if __name__ == "__main__":
             with gathered(student):
                 episodes = rollout(student, tokenizer, pool, pool_tasks, seeds, STUDENT, args, sampler, args.temperature,
                                    max_turns)
+            for j, ep in enumerate(episodes):
+                ep.slot = rank * args.num_envs + j  # its place in the batch over every rank: picks its mini-batch
             episodes = run.drop_failed(episodes, iteration)  # those whose env failed; a signal or too many stop the run
         t_rollout = time.time() - t0
 
         # Expert scoring, each episode by its own task's expert only: log pi_T of every agent token (phase 2's
-        # advantage; phase 1's logged forward KL), full distributions only for the exact losses. With --ratio-clip
-        # in phase 2 the student's own rollout-time log-probs too (the ratio's denominator).
+        # advantage; phase 1's logged forward KL), its top-k or full distributions for those losses. For phase 2's
+        # sampled form, the student's own rollout-time log-probs too (the ratio's denominator).
         t0 = time.time()
         batch = collate(episodes, tokenizer.pad_token_id)
         need_full = (args.teacher_loss if phase == 1 else args.student_loss) == "full"
-        scores = score_by_task(experts, batch, episodes, full=need_full)
+        scores = score_by_task(experts, batch, episodes, full=need_full,
+                               topk=args.topk if phase == 2 and args.student_loss == "topk" else 0)
         old_logp = None
-        if phase == 2 and args.student_loss == "sampled" and args.ratio_clip > 0:
+        if phase == 2 and args.student_loss == "sampled" and (args.ratio_clip > 0 or args.ratio_max > 0):
             old_logp = score_teacher(student, batch, batch["loss_mask"], args.micro_batch_tokens).logp
         t_teacher = time.time() - t0
 
-        # ALGO LOGIC: the training step
+        # ALGO LOGIC: the training step, on mini-batches that hold every task in the batch's ratio (the slots of each
+        # task shuffled and dealt in turn, drawn from --seed and the iteration)
         t0 = time.time()
-        step = train_step(student, optimizer, episodes, batch, scores, old_logp, args, world, device)
+        plan = minibatch_plan([task_of_slot(g, args) for g in range(args.num_envs * world)], args.num_minibatches,
+                              random.Random(f"{args.seed}/mb/{iteration}"))
+        step = train_step(student, optimizer, episodes, batch, scores, old_logp, plan, args, world, device)
         t_train = time.time() - t0
 
         # ---- INFRASTRUCTURE: logging (sums over every rank's episodes and micro-batches), eval, checkpoint ----

@@ -162,40 +162,52 @@ class Paper:
 
 
 GUIDED = (Arm("Guided-OPD", "guided_opd.py"), Arm("vanilla OPD", "guided_opd.py", ("--beta-start", "0")))
+REAL_LOSSES = ("--real-losses",)  # a script's real-model losses on the tiny student (the tiny learning rate)
 SUCCESS = "held-out success of the student alone"
 SAMPLED_FORM = ("--student-loss", "sampled", "--teacher-loss", "ce", "--learning-rate", "1e-4")
+# two_phase.py as the off-policy arm of MOPD's comparison: MOPD's batch, rate, optimizer steps, held-out episodes,
+# and every teacher episode kept (MOPD distills whatever its teachers say)
+MOPD_MATCHED = ("--num-envs", "16", "--learning-rate", "5e-4", "--num-minibatches", "4", "--eval-episodes", "64",
+                "--no-success-only")
 PAPERS = {
-    "guided_opd": Paper("Guided-OPD against vanilla OPD", GUIDED, "eval/success_rate", SUCCESS, "teacher/success_rate"),
+    "guided_opd": Paper("Guided-OPD against vanilla OPD, with the exact losses and the real-model ones", GUIDED + tuple(
+        Arm(f"{a.label}, real-model losses", a.script, a.flags + REAL_LOSSES) for a in GUIDED),
+        "eval/success_rate", SUCCESS, "teacher/success_rate"),
     "novice": Paper("Guided-OPD against vanilla OPD, format-only student (tiny-novice)",
                     tuple(replace(a, flags=a.flags + ("--student", "tiny-novice")) for a in GUIDED),
                     "eval/success_rate", SUCCESS, "teacher/success_rate"),
-    "sampled": Paper("The sampled-token losses (the real-model defaults) beside the exact ones, Guided-OPD and vanilla OPD",
-                     GUIDED + tuple(Arm(f"{a.label}, {name}", a.script, a.flags + SAMPLED_FORM + extra) for a in GUIDED
-                                    for name, extra in (("sampled, lr 1e-4", ()),
-                                                        ("sampled + baseline, lr 1e-4", ("--adv-baseline",)))),
+    "sampled": Paper("The paper's sampled-token loss beside the exact one, vanilla OPD",
+                     (GUIDED[1],) + tuple(Arm(f"vanilla OPD, {name}", "guided_opd.py", GUIDED[1].flags + SAMPLED_FORM + extra)
+                                          for name, extra in (("sampled, truncated ratio, lr 1e-4", ()),
+                                                              ("sampled, no ratio, lr 1e-4", ("--ratio-max", "0")),
+                                                              ("sampled, one step per batch, lr 1e-4", ("--num-minibatches", "1")))),
                      "eval/success_rate", SUCCESS, "teacher/success_rate"),
     "mopd": Paper("MOPD: per-domain teachers against one teacher, off-policy distillation and the sampled losses", (
         Arm("MOPD", "mopd.py"),
         Arm("one teacher for all", "mopd.py", ("--route", "simonsays")),
-        Arm("off-policy on the pooled teachers' data", "two_phase.py", mopd_pooled_flags(), phases(lambda n: n),
-            normalised_mean),
+        Arm("off-policy on the pooled teachers' data", "two_phase.py", mopd_pooled_flags() + MOPD_MATCHED,
+            phases(lambda n: n), normalised_mean),
         Arm("MOPD --loss pg", "mopd.py", ("--loss", "pg")),
         Arm("MOPD --loss topk --no-topk-tail", "mopd.py", ("--loss", "topk", "--no-topk-tail")),
-        Arm("MOPD --loss topk", "mopd.py", ("--loss", "topk"))),
+        Arm("MOPD --loss topk (the real-model loss)", "mopd.py", REAL_LOSSES)),
         "eval/normalised_mean", "normalised score g = (s - s_initial) / (s_teacher - s_initial), mean over domains "
         "(two_phase.py's run: computed the same way from its per-task logs, against its own step-0 evaluation)"),
     "atod": Paper("ATOD against OPD, GRPO and its ablations", (
         Arm("ATOD", "atod.py"),
-        Arm("OPD", "atod.py", ("--mode", "opd")),
+        Arm("ATOD, min-max T-DUR weights and score reward", "atod.py", ("--no-renormalize-weights", "--reward", "score")),
+        Arm("OPD (w = 1)", "atod.py", ("--mode", "opd", "--weighting", "none")),
+        Arm("OPD (T-DUR)", "atod.py", ("--mode", "opd")),
         Arm("GRPO", "atod.py", ("--mode", "grpo")),
-        Arm("GRPO, lr 5e-5", "atod.py", ("--mode", "grpo", "--learning-rate", "5e-5")),
         Arm("no annealing", "atod.py", ("--mode", "constant")),
-        Arm("no T-DUR", "atod.py", ("--weighting", "none"))),
+        Arm("no T-DUR", "atod.py", ("--weighting", "none")),
+        Arm("ATOD, real-model losses", "atod.py", REAL_LOSSES)),
         "eval/success_rate", SUCCESS, "teacher/success_rate"),
     "two_phase": Paper("two-phase distillation against either phase alone", (
         Arm("two-phase", "two_phase.py", length=phases(lambda n: n // 2)),
         Arm("off-policy only", "two_phase.py", length=phases(lambda n: n)),
-        Arm("on-policy only", "two_phase.py", length=phases(lambda n: 0))),
+        Arm("off-policy only, at phase 2's rate", "two_phase.py", ("--learning-rate", "5e-4"), phases(lambda n: n)),
+        Arm("on-policy only", "two_phase.py", length=phases(lambda n: 0)),
+        Arm("two-phase, real-model losses", "two_phase.py", REAL_LOSSES, phases(lambda n: n // 2))),
         "eval/success_rate", SUCCESS + ", mean over the tasks", "teacher/success_rate"),
 }
 

@@ -66,6 +66,7 @@ class Episode:
     invalid_turns: int = 0
     task: str = ""
     seed: int = 0
+    slot: int = -1  # its place in the iteration's batch over every rank (set by the script): picks its mini-batch
     prompt_len: int = 0
     replies: list[str] = field(default_factory=list)
     observations: list[str] = field(default_factory=list)

@@ -182,9 +182,16 @@ def teacher_name(name: str | None, student: str, env: str, real_default: str) ->
     return name if name is not None else real_default
 
 
-def fill_defaults(args, tiny: dict, real: dict) -> None:
+def fill_defaults(args, tiny: dict, real: dict, losses: tuple[str, ...] = ()) -> None:
     """Give every argument left at None ("auto") its value for the kind of student the run trains: the
-    tiny embedded default's, or a real model's. The two tables live in each script, next to its Args."""
+    tiny embedded default's, or a real model's. The two tables live in each script, next to its Args. With
+    `--real-losses` (a tiny student), the keys named in `losses` take the real model's values: the losses a
+    real run trains with, seen teaching on a CPU; everything else (the learning rate too) stays tiny."""
+    if getattr(args, "real_losses", False):
+        if not is_tiny(args.student):
+            raise SystemExit("error: --real-losses gives a tiny student the real-model losses; a real student has them "
+                             "already: drop --real-losses")
+        tiny = {**tiny, **{key: real[key] for key in losses}}
     for key, value in (tiny if is_tiny(args.student) else real).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

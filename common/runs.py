@@ -262,6 +262,29 @@ class Run:
         cleanup()
 
 
+def minibatch_plan(keys: list, num_minibatches: int, rng: random.Random, together: bool = False) -> list[int]:
+    """The mini-batch (0 .. num_minibatches - 1) of each slot g of an iteration's batch over every rank, keys[g]
+    being what the slot belongs to (its domain, task or group). Every rank passes the same keys and a generator
+    in the same state, so the split is the same however the slots are spread over ranks.
+    - strata (`together` False): each key's slots, shuffled, are dealt in turn over the mini-batches, one deal
+      running on over the keys: every mini-batch holds each key in its share of the batch (to one slot), and
+      the mini-batches' sizes differ by one at most. One key for every slot: a shuffled split into equal parts.
+    - groups (`together` True): the slots of a key stay in one mini-batch (a GRPO group); the keys, shuffled,
+      are dealt in turn."""
+    distinct = list(dict.fromkeys(keys))
+    if together:
+        rng.shuffle(distinct)
+        where = {key: i % num_minibatches for i, key in enumerate(distinct)}
+        return [where[key] for key in keys]
+    plan, dealt = [0] * len(keys), 0
+    for key in distinct:
+        slots = [g for g, k in enumerate(keys) if k == key]
+        rng.shuffle(slots)
+        for g in slots:
+            plan[g], dealt = dealt % num_minibatches, dealt + 1
+    return plan
+
+
 def eval_batch(args, world: int, real: int) -> int:
     """Held-out episodes a rank plays at once (its evaluation pool): --eval-batch, or (0, auto) all of its share
     of --eval-episodes for a tiny student, `real` for a real one. A tiny model's decoding step costs about the

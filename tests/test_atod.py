@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import sys
 
 import pytest
@@ -19,6 +20,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import atod as a
 from common.episode import STUDENT, Episode, collate
+from common.runs import minibatch_plan
 from common.teacher import score_teacher
 
 from end_to_end import assert_same_run, final_weights, kill_after_first_checkpoint, run_script, scalars
@@ -204,11 +206,21 @@ def process_group(tmp_path):
     dist.destroy_process_group()
 
 
+def plans_of(episodes, args, group=4):
+    """Whole groups of `group` per mini-batch, one plan per epoch (as the main loop draws them)."""
+    for j, ep in enumerate(episodes):
+        ep.slot = j
+    rng = random.Random(0)
+    return [minibatch_plan([j // group for j in range(len(episodes))], args.num_minibatches, rng, together=True)
+            for _ in range(args.update_epochs)]
+
+
 def run_train_step(args, episodes, V=50):
     student = a.shard(tiny_model(V, seed=2), torch.device("cpu"), trainable=True)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     batch, mask, scores, old, adv, kl_coef = prepared(episodes, args)
-    stats = a.train_step(student, optimizer, episodes, batch, scores, old, adv, kl_coef, args, 1, torch.device("cpu"))
+    stats = a.train_step(student, optimizer, episodes, batch, scores, old, adv, kl_coef, {}, plans_of(episodes, args), args,
+                         1, torch.device("cpu"))
     grads = {n: p.grad.full_tensor().clone() for n, p in student.named_parameters()}
     return stats, grads
 
@@ -243,10 +255,12 @@ def test_mini_batch_without_signal_takes_no_step(process_group):
     student = a.shard(tiny_model(50, seed=2), torch.device("cpu"), trainable=True)
     optimizer = torch.optim.AdamW(student.parameters(), lr=0.01)
     batch, mask, scores, old, adv, kl_coef = prepared(episodes, args)
-    stats = a.train_step(student, optimizer, episodes, batch, scores, old, adv, kl_coef, args, 1, torch.device("cpu"))
+    plans = plans_of(episodes, args)
+    stats = a.train_step(student, optimizer, episodes, batch, scores, old, adv, kl_coef, {}, plans, args, 1, torch.device("cpu"))
     assert stats["no_signal_steps"] == 0 and stats["grad_norm"] > 0  # momentum built up
     before = {n: p.full_tensor().detach().clone() for n, p in student.named_parameters()}
-    stats = a.train_step(student, optimizer, episodes, batch, scores, old, adv * 0, kl_coef * 0, args, 1, torch.device("cpu"))
+    stats = a.train_step(student, optimizer, episodes, batch, scores, old, adv * 0, kl_coef * 0, {}, plans, args, 1,
+                         torch.device("cpu"))
     assert stats["no_signal_steps"] == 2 and stats["loss"] == 0
     assert all(torch.equal(before[n], p.full_tensor()) for n, p in student.named_parameters())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import sys
 
 import pytest
@@ -19,6 +20,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import guided_opd as g
 from common.episode import STUDENT, TEACHER, Episode, collate
+from common.runs import minibatch_plan
 from common.teacher import score_teacher
 
 from end_to_end import assert_same_run, final_weights, kill_after_first_checkpoint, run_script, scalars
@@ -220,7 +222,10 @@ def run_train_step(args, episodes, V=50):
     batch = collate(episodes, 0)
     scores = score_teacher(teacher, batch, batch["loss_mask"], full=True)
     old = score_teacher(student, batch, batch["loss_mask"]).logp if args.ratio_clip else None
-    stats = g.train_step(student, optimizer, episodes, batch, scores, old, 0.3, args, 1, torch.device("cpu"))
+    for j, ep in enumerate(episodes):
+        ep.slot = j
+    plan = minibatch_plan([0] * len(episodes), args.num_minibatches, random.Random(0))
+    stats = g.train_step(student, optimizer, episodes, batch, scores, old, 0.3, plan, args, 1, torch.device("cpu"))
     grads = {n: p.grad.full_tensor().clone() for n, p in student.named_parameters()}
     weights = {n: p.full_tensor().detach().clone() for n, p in student.named_parameters()}
     return stats, grads, weights

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import random
 import sys
 
 import pytest
@@ -20,6 +21,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import mopd as m
 from common.episode import STUDENT, Episode, collate
+from common.runs import minibatch_plan
 from common.teacher import Teachers, score_teacher
 
 from end_to_end import assert_same_run, final_weights, kill_after_first_checkpoint, run_script, scalars
@@ -304,7 +306,10 @@ def run_train_step(args, episodes, V=50):
     batch["domain"] = torch.tensor([int(e.task) for e in episodes])[:, None].expand_as(batch["input_ids"])
     scores = score_teacher(teacher, batch, batch["loss_mask"], topk=args.topk if args.loss == "topk" else 0,
                            full=args.loss == "full")
-    stats = m.train_step(student, optimizer, episodes, batch, scores, None, args, 1, torch.device("cpu"))
+    for j, ep in enumerate(episodes):
+        ep.slot = j
+    plan = minibatch_plan([ep.task for ep in episodes], args.num_minibatches, random.Random(0))
+    stats = m.train_step(student, optimizer, episodes, batch, scores, None, plan, args, 1, torch.device("cpu"))
     grads = {n: p.grad.full_tensor().clone() for n, p in student.named_parameters()}
     return stats, grads, batch, scores
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import sys
 from collections import Counter
 
@@ -21,6 +22,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import two_phase as tp
 from common.episode import STUDENT, TEACHER, Episode, collate
+from common.runs import minibatch_plan
 from common.teacher import Teachers, score_teacher
 
 from end_to_end import assert_same_run, final_weights, kill_after_first_checkpoint, run_script, scalars
@@ -244,7 +246,10 @@ def run_train_step(args, episodes, V=50):
     batch = collate(episodes, 0)
     scores = score_teacher(teacher, batch, batch["loss_mask"], full=True)
     old = score_teacher(student, batch, batch["loss_mask"]).logp if args.ratio_clip else None
-    stats = tp.train_step(student, optimizer, episodes, batch, scores, old, args, 1, torch.device("cpu"))
+    for j, ep in enumerate(episodes):
+        ep.slot = j
+    plan = minibatch_plan([0] * len(episodes), args.num_minibatches, random.Random(0))
+    stats = tp.train_step(student, optimizer, episodes, batch, scores, old, plan, args, 1, torch.device("cpu"))
     grads = {n: p.grad.full_tensor().clone() for n, p in student.named_parameters()}
     return stats, grads
 
@@ -362,7 +367,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks, phase1):
     (["--expert-episodes", "0"], "--expert-episodes must be at least 1"),
     (["--temperature", "0.5", "--student-loss", "sampled"], "--temperature must be 1 with the sampled reverse KL"),
     (["--user-model", "tiny"], "--user-model is for conversational envs"),
-    (["--ratio-clip", "-0.2"], "--adv-clip and --ratio-clip 0 (off) or positive"),
+    (["--ratio-clip", "-0.2"], "--adv-clip, --ratio-clip and --ratio-max 0 (off) or positive"),
+    (["--ratio-max", "-1"], "--adv-clip, --ratio-clip and --ratio-max 0 (off) or positive"),
     (["--resume", "no/such/run"], "no checkpoint"),
     (["--student", "tiny-huge"], "no tiny student 'tiny-huge'"),
 ])
