@@ -15,16 +15,19 @@ groups of G episodes of the same task (temperature 1); the outcome reward r is t
   0.9 p), rho = 1 + p; in PPO's clipped surrogate (ratio to pi_old), a token mean per trajectory, then the mean
   over trajectories; no KL penalty.
 
-Open choices, as flags: --renormalize-weights (T-DUR weights to mean 1 per trajectory; as written the least
-informative turn gets weight 0); --weighting token (the per-token ablation) or none; --anneal-iterations
-(the paper's 80 of 150; auto: the same fraction of --total-iterations); --clip-eps 0.2; --update-epochs and
---num-minibatches; --lr-schedule (the paper gives none: the tiny default's is cosine, 0.70 +- 0.09 over 5 seeds
-against 0.59 +- 0.12 at a constant rate, where GRPO's growing weight undid the gains); --reward score (the tiny
-default's: peckingorder's score counts the steps done in order, so a group of 4 has mixed rewards more often
-than with success alone); --opd-loss full, the exact reverse KL KL(pi_s || pi_t) per token weighted by kappa w_k
-beside the surrogate, instead of the sampled advantage inside it (the tiny default's: with a 1.5k vocabulary it
-is cheap, and the sampled form did not teach the tiny student in guided_opd.py).
-Baselines and ablations: --mode opd (rho = 0), grpo (kappa = 0), constant (kappa = rho = 1, no annealing).
+Open choices, as flags: --renormalize-weights (on: each trajectory's T-DUR weights scaled to mean 1, so that the
+OPD term keeps plain OPD's scale; as written, `--no-renormalize-weights`, the mean weight is about 0.07 and the
+least informative turn gets 0); --weighting token (the per-token ablation) or none (w = 1, the paper's OPD
+baseline with --mode opd); --anneal-iterations (the paper's 80 of 150; auto: the same fraction of
+--total-iterations); --clip-eps 0.2; --update-epochs and --num-minibatches (each step holds whole groups,
+shuffled anew each epoch from --seed and the iteration: GRPO's advantages sum to 0 within a group);
+--lr-schedule (the paper gives none: the tiny default's is cosine); --reward success (the paper's) or score;
+--opd-loss: the paper's sampled advantage inside the surrogate (`sampled`), or the reverse KL per token weighted
+by kappa w_k beside the surrogate, exact (`full`, the tiny default's: cheap with a 1.5k vocabulary) or over the
+teacher's top 64 tokens and a tail bucket (`topk`, the real-model default: the sampled form did not teach the
+tiny student in guided_opd.py, the top-k form did); `--real-losses` runs a tiny student with the real-model one.
+--term-grad-norms logs the gradient norm of each term on an iteration's first step (README: the two terms'
+scales). Baselines and ablations: --mode opd (rho = 0), grpo (kappa = 0), constant (kappa = rho = 1).
 Groups are never split across ranks: each rank plays whole groups, so advantages are computed locally. A
 mini-batch without any signal (every advantage and KL weight 0: GRPO on groups of equal rewards) takes no step.
 Arguments left at None are "auto" (the TINY and REAL tables below the Args).

@@ -7,24 +7,31 @@ states where the teacher's signal is unreliable. Guided-OPD lets the teacher wri
 independently, the teacher writes the whole turn with probability beta, else the student; either way the
 turn is executed and becomes shared history. beta decays from 1 to 0 along a cosine, reaching 0 at 80% of
 training (then plain OPD). Evaluation uses beta = 0. No environment reward is used.
-- Student turns: sampled-token reverse KL, A_t = stopgrad(log pi_t(y_t) - log pi_s(y_t)), loss_t = -A_t log
-  pi_s(y_t) (in expectation over the student's samples, the gradient of KL(pi_s || pi_t)).
+- Student turns, the paper's: sampled-token reverse KL, A_t = stopgrad(log pi_t(y_t) - log pi_s(y_t)), loss_t =
+  -A_t log pi_s(y_t) (in expectation over the student's samples, the gradient of KL(pi_s || pi_t)):
+  `--student-loss sampled`.
 - Teacher turns: forward KL with only the teacher's sampled tokens known = cross-entropy, -log pi_s(y_t).
 - The paper's L = (1 - beta) J_rKL + beta J_fKL: `--role-weighting tokens` (default) is one token mean over
   both roles (each role weighs its share of the tokens: (1 - beta) : beta when turns are equally long);
   `beta` weighs a token mean per role by (1 - beta) and beta. The paper does not say which.
 
-Open choices, as flags: --num-minibatches optimizer steps per rollout batch; for the later ones the sampled
-form can weigh tokens by the importance ratio to the rollout student, clipped as PPO (`--ratio-clip`), and
-clip its advantage (`--adv-clip`, as MOPD) or subtract the micro-batch's mean advantage (`--adv-baseline`,
-off: a constant baseline, same expected gradient); the exact full-vocabulary losses (`--student-loss full`,
-`--teacher-loss full`) for local teachers; `--teacher-loss none`; `--curriculum step` (beta 1, then 0).
-Arguments left at None are "auto": the tiny default's values with a tiny student, the real-model values
-otherwise (the TINY and REAL tables below the Args). Rollouts sample at temperature 1, since the sampled
-losses use the log-probs of the untempered models.
+Which loss runs: a real model's student turns train by default with `--student-loss topk`, the reverse KL over
+the teacher's top 64 tokens plus one bucket for the rest of the vocabulary (no sampling of the loss; it
+taught vanilla OPD on the tiny default where the sampled form did not, README), its teacher turns with `ce`;
+the tiny default trains with the exact full-vocabulary losses (`full`), and `--real-losses` runs a tiny student
+with the real-model ones. Mini-batches: the rollout batch, shuffled (a draw from --seed and the iteration, the
+same on any number of ranks), is split into --num-minibatches optimizer steps; the sampled form weighs the
+later ones, drawn by an older student, by the importance ratio truncated at --ratio-max 2 (on-policy in
+expectation; `--ratio-clip` = PPO's clipped ratio instead, `--ratio-max 0` = none).
+Open choices, as flags: `--adv-clip` (as MOPD) or `--adv-baseline` (the micro-batch's mean advantage, a constant
+baseline: the same expected gradient); `--teacher-loss none`; `--curriculum step` (beta 1, then 0). Arguments
+left at None are "auto": the tiny default's values with a tiny student, the real-model values otherwise (the
+TINY and REAL tables below the Args). Rollouts sample at temperature 1, since the sampled losses use the
+log-probs of the untempered models.
 
     python guided_opd.py                                   # embedded tiny default, CPU, minutes
     python guided_opd.py --beta-start 0                    # vanilla OPD, the baseline
+    python guided_opd.py --beta-start 0 --real-losses      # vanilla OPD with the real-model losses, on a CPU
     torchrun --nproc_per_node 8 guided_opd.py --student qwen3-1.7b                 # teacher qwen3-8b
     torchrun --nproc_per_node 8 guided_opd.py --student qwen3-1.7b --teacher qwen3-30b-a3b --env alfworld \
         --max-turns 30 --num-envs 8

@@ -20,10 +20,14 @@ The headline metric: per domain, the normalised score g_d = (s_d - s_d(initial s
 s_d(initial student)) on held-out seeds (0 = the initial student, 1 = the domain's teacher), and its mean
 and minimum over domains. Teachers and initial student are evaluated once, at the start.
 
+Mini-batches: the rollout batch is split into --num-minibatches optimizer steps, each holding every domain in
+the batch's ratio (each domain's episodes shuffled and dealt in turn, a draw from --seed and the iteration, the
+same on any number of ranks); `--loss pg` weighs the later ones, drawn by an older student, by the importance
+ratio truncated at --ratio-max 2 (on-policy in expectation; `--ratio-clip` = PPO's clipped ratio instead,
+`--ratio-max 0` = none; the paper's ratio handling is unknown).
 Open choices, as flags: `--domain-weights` (the paper's 0.35 : 0.35 : 0.30 were its own three domains);
-`--adv-clip`; `--topk`; `--num-minibatches` optimizer steps per rollout batch, and for the later ones
-`--ratio-clip` (PPO's clipped ratio to the rollout student; the paper's ratio handling is unknown); `--route`
-scores every domain with one domain's teacher (the routing ablation). Arguments left at None are "auto": the
+`--adv-clip`; `--topk`; `--route` scores every domain with one domain's teacher (the routing ablation);
+`--real-losses` runs a tiny student with the real-model loss. Arguments left at None are "auto": the
 tiny default's values with a tiny student, the real-model values otherwise (the TINY and REAL tables below
 the Args). The tiny default trains with `--loss full`; a real model with `--loss topk` (k = 64, with the tail
 bucket; the teacher's top 64 take 768 bytes per token of a rank's rollout batch, fp32 log-probs and int64

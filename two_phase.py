@@ -21,11 +21,16 @@ Open choices, as flags: the data size (--expert-episodes per task), filtering by
 the switch (after --phase1-iterations; the paper gives no criterion), the exact losses for local teachers
 (--teacher-loss full, --student-loss full), the sampling temperature of the experts' data
 (--expert-temperature), phase 2's learning rate (--phase2-learning-rate; the tiny default's is a quarter of
-phase 1's: at phase 1's rate the on-policy steps, one episode each, lowered phase 1's result on 4 of 5 seeds),
-and from the template --num-minibatches, --adv-clip and --ratio-clip (phase 2's sampled form, PPO's clipped
-ratio to the rollout student). One optimizer and one learning rate schedule (warmup, decay) span both phases.
-Arguments left at None are "auto": the tiny default's
-values with a tiny student, the real-model values otherwise (TINY and REAL below the Args).
+phase 1's), and --adv-clip. One optimizer and one learning rate schedule (warmup, decay) span both phases.
+Which loss runs: a real model's phase 2 trains by default with `--student-loss topk`, the reverse KL over the
+expert's top 64 tokens plus one bucket for the rest (no sampling of the loss; the paper's sampled form is
+`--student-loss sampled`), phase 1 with `ce`; the tiny default trains with the exact losses (`full`), and
+`--real-losses` runs a tiny student with the real-model ones. Mini-batches: each of the --num-minibatches
+optimizer steps holds every task in the batch's ratio (each task's episodes shuffled and dealt in turn, a draw
+from --seed and the iteration, the same on any number of ranks); phase 2's sampled form weighs the later ones
+by the importance ratio truncated at --ratio-max 2 (`--ratio-clip` = PPO's clipped ratio, `--ratio-max 0` =
+none). Arguments left at None are "auto": the tiny default's values with a tiny student, the real-model values
+otherwise (TINY and REAL below the Args).
 
     python two_phase.py                                    # embedded tiny default: three games, CPU, minutes
     python two_phase.py --phase2-iterations 0              # off-policy distillation alone (baseline)

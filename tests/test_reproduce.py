@@ -18,6 +18,7 @@ from end_to_end import ROOT, scalars
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 import reproduce  # noqa: E402
 
+TWO = ["--arms", "Guided-OPD", "vanilla OPD"]  # of guided_opd's four arms
 SMOKE = ["--seeds", "1", "2", "--iterations", "2", "--jobs", "2", "--runs-dir", "runs", "--out-dir", "out",
          "--extra", "--eval-interval", "1", "--eval-episodes", "4", "--num-envs", "4", "--num-minibatches", "2"]
 
@@ -37,7 +38,7 @@ def table_rows(md: str) -> dict[str, list[str]]:
 
 
 def test_reproduce_smoke(tmp_path):
-    p = reproduce_cmd(["guided_opd", *SMOKE], tmp_path)
+    p = reproduce_cmd(["guided_opd", *TWO, *SMOKE], tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     md = (tmp_path / "out" / "guided_opd.md").read_text()
     rows = table_rows(md)
@@ -65,11 +66,11 @@ def test_reproduce_smoke(tmp_path):
     figure = (tmp_path / "out" / "guided_opd.svg").read_text()
     assert figure.count("<polyline") == 3  # a line per arm and the teacher's
     assert "Guided-OPD (2 seeds)" in figure and "vanilla OPD (2 seeds)" in figure
-    assert "![" in md and "(guided_opd.svg)" in md and "reproduce.py guided_opd --seeds 1 2" in md
+    assert "![" in md and "(guided_opd.svg)" in md and "reproduce.py guided_opd --arms Guided-OPD 'vanilla OPD' --seeds 1 2" in md
 
     # Again: every run is finished, nothing runs, the same table comes out.
     folders = sorted(glob.glob(str(tmp_path / "runs" / "*" / "seed*" / "*")))
-    p = reproduce_cmd(["guided_opd", *SMOKE], tmp_path, timeout=60)
+    p = reproduce_cmd(["guided_opd", *TWO, *SMOKE], tmp_path, timeout=60)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.stdout.count("finished before, skipped") == 4 and "[1/" not in p.stdout
     assert sorted(glob.glob(str(tmp_path / "runs" / "*" / "seed*" / "*"))) == folders
@@ -86,7 +87,7 @@ def test_reproduce_smoke(tmp_path):
                          f"{max(c[k] for c in curves):.2f})" for k in (0, 1, 2)], along
 
     # --report-only with a seed never run: the table says so, and nothing starts.
-    p = reproduce_cmd(["guided_opd", "--report-only", *SMOKE[:3], "3", *SMOKE[3:]], tmp_path, timeout=60)
+    p = reproduce_cmd(["guided_opd", "--report-only", *TWO, *SMOKE[:3], "3", *SMOKE[3:]], tmp_path, timeout=60)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert not glob.glob(str(tmp_path / "runs" / "*" / "seed3")) and "[1/" not in p.stdout
     assert table_rows((tmp_path / "out" / "guided_opd.md").read_text())["Guided-OPD"][2].endswith(", not run")
@@ -116,7 +117,7 @@ def test_dry_run_commands(tmp_path):
                                    "--num-envs 4" in line for line, folder in zip(lines, (
         "runs/reproduce/mopd/mopd", "runs/reproduce/mopd/one-teacher-for-all",
         "runs/reproduce/mopd/off-policy-on-the-pooled-teachers-data", "runs/reproduce/mopd/mopd-loss-pg",
-        "runs/reproduce/mopd/mopd-loss-topk-no-topk-tail", "runs/reproduce/mopd/mopd-loss-topk"))), p.stdout
+        "runs/reproduce/mopd/mopd-loss-topk-no-topk-tail", "runs/reproduce/mopd/mopd-loss-topk-the-real-model-loss"))), p.stdout
     pooled = lines[2]
     assert "two_phase.py" in pooled and "--phase1-iterations 6 --phase2-iterations 0" in pooled
     specs = [d.partition("@")[0] for d in mopd.Args().domains]  # mopd's default domains and their teachers
@@ -127,16 +128,24 @@ def test_dry_run_commands(tmp_path):
     assert "--loss topk --no-topk-tail" in lines[4] and "tail" not in lines[5]
     assert all("--total-iterations 6" in line for line in lines[:2] + lines[3:])
 
+    assert "--real-losses" in lines[5]
+    off_matched = ("--num-envs 16 --learning-rate 5e-4 --num-minibatches 4 --eval-episodes 64 --no-success-only")
+    assert off_matched in pooled  # MOPD's batch, rate, steps and held-out episodes (mopd.py's own defaults)
+    assert [mopd.Args().num_envs, mopd.TINY["learning_rate"], mopd.Args().num_minibatches, mopd.Args().eval_episodes] == [
+        16, 5e-4, 4, 64]
+
     p = reproduce_cmd(["two_phase", "--dry-run", "--seeds", "1", "--iterations", "7"], tmp_path)
-    two, off, on = p.stdout.splitlines()
-    assert "--phase1-iterations 3 --phase2-iterations 4" in two
+    two, off, off_slow, on, real = p.stdout.splitlines()
+    assert "--phase1-iterations 3 --phase2-iterations 4" in two and "--phase1-iterations 3 --phase2-iterations 4" in real
     assert "--phase1-iterations 7 --phase2-iterations 0" in off and "--phase1-iterations 0 --phase2-iterations 7" in on
+    assert "--learning-rate 5e-4 --seed 1 --phase1-iterations 7 --phase2-iterations 0" in off_slow
+    assert "--real-losses" in real
     p = reproduce_cmd(["sampled", "--dry-run", "--seeds", "1"], tmp_path)
-    exact, vanilla, *sampled = p.stdout.splitlines()
-    assert "--student-loss" not in exact + vanilla and len(sampled) == 4
-    assert all("--student-loss sampled --teacher-loss ce --learning-rate 1e-4" in line for line in sampled)
-    assert [("--beta-start 0" in line, "--adv-baseline" in line) for line in sampled] == [
-        (False, False), (False, True), (True, False), (True, True)]
+    exact, *sampled = p.stdout.splitlines()
+    assert "--student-loss" not in exact and "--beta-start 0" in exact and len(sampled) == 3
+    assert all("--beta-start 0 --student-loss sampled --teacher-loss ce --learning-rate 1e-4" in line for line in sampled)
+    assert ["--ratio-max 0" in line for line in sampled] == [False, True, False]
+    assert ["--num-minibatches 1" in line for line in sampled] == [False, False, True]
     p = reproduce_cmd(["novice", "--dry-run", "--seeds", "1"], tmp_path)
     assert all("--student tiny-novice" in line and "--total-iterations 100" in line for line in p.stdout.splitlines())
     assert not os.listdir(tmp_path)  # a dry run makes nothing
