@@ -21,8 +21,8 @@ taught vanilla OPD on the tiny default where the sampled form did not, README), 
 the tiny default trains with the exact full-vocabulary losses (`full`), and `--real-losses` runs a tiny student
 with the real-model ones. Mini-batches: the rollout batch, shuffled (a draw from --seed and the iteration, the
 same on any number of ranks), is split into --num-minibatches optimizer steps; the sampled form weighs the
-later ones, drawn by an older student, by the importance ratio truncated at --ratio-max 2 (on-policy in
-expectation; `--ratio-clip` = PPO's clipped ratio instead, `--ratio-max 0` = none).
+later ones, drawn by an older student, by the importance ratio (on-policy in expectation; `--ratio-max` truncates
+it, `--ratio-clip` = PPO's clipped ratio instead, `--ratio-max 0` = none).
 Open choices, as flags: `--adv-clip` (as MOPD) or `--adv-baseline` (the micro-batch's mean advantage, a constant
 baseline: the same expected gradient); `--teacher-loss none`; `--curriculum step` (beta 1, then 0). Arguments
 left at None are "auto": the tiny default's values with a tiny student, the real-model values otherwise (the
@@ -173,10 +173,10 @@ class Args:
     adv_baseline: bool = False
     """sampled form: subtract the micro-batch's mean advantage over its student tokens from each one's (a
     constant baseline: the same expected gradient, less variance)"""
-    ratio_max: float = 2.0
-    """sampled form: weigh each token's term by the importance ratio pi_s / pi_s(rollout), at most ratio_max
-    (truncated importance sampling: later mini-batches stay on-policy in expectation); 0 = no ratio, the plain
-    estimator (off-policy after the first mini-batch)"""
+    ratio_max: float = math.inf
+    """sampled form: weigh each token's term by the importance ratio pi_s / pi_s(rollout), so that later
+    mini-batches stay on-policy in expectation; truncated at ratio_max (inf: the plain ratio, which measured
+    closest to the exact gradient, README); 0 = no ratio, the plain estimator (off-policy after the first step)"""
     ratio_clip: float = 0.0
     """sampled form: PPO's clipped surrogate instead, the ratio clipped to 1 +- ratio_clip with the advantage of
     the rollout-time student (0 = off; when set, --ratio-max is not used)"""
@@ -305,12 +305,12 @@ def clipped_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, log
     return -torch.min(ratio * advantage, ratio.clamp(1 - ratio_clip, 1 + ratio_clip) * advantage)
 
 
-def truncated_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, logp_t: torch.Tensor, ratio_max: float,
+def importance_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, logp_t: torch.Tensor, ratio_max: float,
                                  adv_clip: float = 0.0, baseline: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """The sampled form on tokens drawn by the rollout-time student pi_old, a few optimizer steps ago (truncated
-    importance sampling): the plain form's loss weighted by stopgrad(min(r_t, c)), r_t = pi_s(y_t) / pi_old(y_t).
-    Below the cap c its expected gradient under y_t ~ pi_old is E_old[r_t (log pi_s - log pi_t) grad log pi_s]
-    = grad KL(pi_s || pi_t) at the current student; at r_t = 1 it is the plain form's."""
+    """The sampled form on tokens drawn by the rollout-time student pi_old, a few optimizer steps ago (importance
+    sampling): the plain form's loss weighted by stopgrad(min(r_t, c)), r_t = pi_s(y_t) / pi_old(y_t). Below the
+    cap c its expected gradient under y_t ~ pi_old is E_old[r_t (log pi_s - log pi_t) grad log pi_s] =
+    grad KL(pi_s || pi_t) at the current student; at r_t = 1 it is the plain form's."""
     weight = torch.exp(logp_s - logp_old).detach().clamp(max=ratio_max)
     return weight * sampled_reverse_kl(logp_s, logp_t, adv_clip, baseline)
 
@@ -359,7 +359,7 @@ def guided_opd_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, torch.
     elif "old_logp" in mb and args.ratio_clip > 0:
         rkl_tokens = clipped_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_clip, args.adv_clip, baseline)
     elif "old_logp" in mb and args.ratio_max > 0:
-        rkl_tokens = truncated_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_max, args.adv_clip, baseline)
+        rkl_tokens = importance_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_max, args.adv_clip, baseline)
     else:
         rkl_tokens = sampled_reverse_kl(logp_s, logp_t, args.adv_clip, baseline)
     fkl_tokens = -logp_s  # teacher turns: forward KL with only the sampled tokens known = cross-entropy

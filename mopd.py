@@ -23,7 +23,7 @@ and minimum over domains. Teachers and initial student are evaluated once, at th
 Mini-batches: the rollout batch is split into --num-minibatches optimizer steps, each holding every domain in
 the batch's ratio (each domain's episodes shuffled and dealt in turn, a draw from --seed and the iteration, the
 same on any number of ranks); `--loss pg` weighs the later ones, drawn by an older student, by the importance
-ratio truncated at --ratio-max 2 (on-policy in expectation; `--ratio-clip` = PPO's clipped ratio instead,
+ratio (on-policy in expectation; `--ratio-max` truncates it, `--ratio-clip` = PPO's clipped ratio instead,
 `--ratio-max 0` = none; the paper's ratio handling is unknown).
 Open choices, as flags: `--domain-weights` (the paper's 0.35 : 0.35 : 0.30 were its own three domains);
 `--adv-clip`; `--topk`; `--route` scores every domain with one domain's teacher (the routing ablation);
@@ -166,9 +166,9 @@ class Args:
     route: str = "domain"
     """`domain`: each trajectory is scored by its own domain's teacher (MOPD); a domain's name: that domain's
     teacher scores every domain (the routing ablation; normalised scores still use each domain's own teacher)"""
-    ratio_max: float = 2.0
-    """pg: weigh each token's term by the importance ratio pi_s / pi_s(rollout), at most ratio_max (truncated
-    importance sampling: later mini-batches stay on-policy in expectation); 0 = no ratio, the plain estimator"""
+    ratio_max: float = math.inf
+    """pg: weigh each token's term by the importance ratio pi_s / pi_s(rollout), so that later mini-batches stay
+    on-policy in expectation; truncated at ratio_max (inf: the plain ratio); 0 = no ratio, the plain estimator"""
     ratio_clip: float = 0.0
     """pg: PPO's clipped surrogate instead, the ratio clipped to 1 +- ratio_clip with the advantage of the
     rollout-time student (0 = off; when set, --ratio-max is not used)"""
@@ -308,10 +308,10 @@ def clipped_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, log
     return -torch.min(ratio * advantage, ratio.clamp(1 - ratio_clip, 1 + ratio_clip) * advantage)
 
 
-def truncated_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, logp_t: torch.Tensor, ratio_max: float,
+def importance_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, logp_t: torch.Tensor, ratio_max: float,
                                  adv_clip: float = 0.0) -> torch.Tensor:
-    """The pg form on tokens drawn by the rollout-time student pi_old, a few optimizer steps ago (truncated
-    importance sampling): the plain form's loss weighted by stopgrad(min(r_t, c)), r_t = pi_s(y_t) / pi_old(y_t).
+    """The pg form on tokens drawn by the rollout-time student pi_old, a few optimizer steps ago (importance
+    sampling): the plain form's loss weighted by stopgrad(min(r_t, c)), r_t = pi_s(y_t) / pi_old(y_t).
     Unclipped and below the cap its expected gradient under y_t ~ pi_old is grad KL(pi_s || pi_t) at the current
     student; at r_t = 1 it is the plain form's."""
     weight = torch.exp(logp_s - logp_old).detach().clamp(max=ratio_max)
@@ -356,7 +356,7 @@ def mopd_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, dict]:
     if args.loss == "pg" and "old_logp" in mb and args.ratio_clip > 0:
         tokens = clipped_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_clip, args.adv_clip)
     elif args.loss == "pg" and "old_logp" in mb and args.ratio_max > 0:
-        tokens = truncated_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_max, args.adv_clip)
+        tokens = importance_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_max, args.adv_clip)
     elif args.loss == "pg":
         tokens = sampled_reverse_kl(logp_s, logp_t, args.adv_clip)
     elif args.loss == "topk":

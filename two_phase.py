@@ -28,7 +28,7 @@ expert's top 64 tokens plus one bucket for the rest (no sampling of the loss; th
 `--real-losses` runs a tiny student with the real-model ones. Mini-batches: each of the --num-minibatches
 optimizer steps holds every task in the batch's ratio (each task's episodes shuffled and dealt in turn, a draw
 from --seed and the iteration, the same on any number of ranks); phase 2's sampled form weighs the later ones
-by the importance ratio truncated at --ratio-max 2 (`--ratio-clip` = PPO's clipped ratio, `--ratio-max 0` =
+by the importance ratio (`--ratio-max` truncates it, `--ratio-clip` = PPO's clipped ratio, `--ratio-max 0` =
 none). Arguments left at None are "auto": the tiny default's values with a tiny student, the real-model values
 otherwise (TINY and REAL below the Args).
 
@@ -171,10 +171,10 @@ class Args:
     the vocabulary (auto: full tiny, ce real)"""
     adv_clip: float = 0.0
     """clip the sampled form's per-token advantage log pi_T - log pi_s to +-adv_clip (0 = no clip)"""
-    ratio_max: float = 2.0
-    """phase 2's sampled form: weigh each token's term by the importance ratio pi_s / pi_s(rollout), at most
-    ratio_max (truncated importance sampling: later mini-batches stay on-policy in expectation); 0 = no ratio,
-    the plain estimator"""
+    ratio_max: float = math.inf
+    """phase 2's sampled form: weigh each token's term by the importance ratio pi_s / pi_s(rollout), so that later
+    mini-batches stay on-policy in expectation; truncated at ratio_max (inf: the plain ratio); 0 = no ratio, the
+    plain estimator"""
     ratio_clip: float = 0.0
     """phase 2's sampled form: PPO's clipped surrogate instead, the ratio clipped to 1 +- ratio_clip with the
     advantage of the rollout-time student (0 = off; when set, --ratio-max is not used)"""
@@ -337,10 +337,10 @@ def clipped_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, log
     return -torch.min(ratio * advantage, ratio.clamp(1 - ratio_clip, 1 + ratio_clip) * advantage)
 
 
-def truncated_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, logp_t: torch.Tensor, ratio_max: float,
+def importance_sampled_reverse_kl(logp_s: torch.Tensor, logp_old: torch.Tensor, logp_t: torch.Tensor, ratio_max: float,
                                  adv_clip: float = 0.0) -> torch.Tensor:
     """Phase 2's sampled form on tokens drawn by the rollout-time student pi_old, a few optimizer steps ago
-    (truncated importance sampling): the plain form's loss weighted by stopgrad(min(r_t, c)), r_t = pi_s(y_t) /
+    (importance sampling): the plain form's loss weighted by stopgrad(min(r_t, c)), r_t = pi_s(y_t) /
     pi_old(y_t). Below the cap its expected gradient under y_t ~ pi_old is grad KL(pi_s || pi_T) at the current
     student; at r_t = 1 it is the plain form's."""
     weight = torch.exp(logp_s - logp_old).detach().clamp(max=ratio_max)
@@ -385,8 +385,8 @@ def two_phase_loss(student, mb: dict, args: Args) -> tuple[torch.Tensor, torch.T
         rkl_tokens = topk_reverse_kl(s.at_logp, mb["teacher_topk_logp"])
     elif args.ratio_clip > 0 and "old_logp" in mb:  # phase 2's sampled form with --ratio-clip
         rkl_tokens = clipped_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_clip, args.adv_clip)
-    elif "old_logp" in mb and args.ratio_max > 0:  # phase 2's sampled form, truncated ratio
-        rkl_tokens = truncated_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_max, args.adv_clip)
+    elif "old_logp" in mb and args.ratio_max > 0:  # phase 2's sampled form, importance ratio
+        rkl_tokens = importance_sampled_reverse_kl(logp_s, mb["old_logp"], logp_t, args.ratio_max, args.adv_clip)
     else:
         rkl_tokens = sampled_reverse_kl(logp_s, logp_t, args.adv_clip)
     fkl_tokens = -logp_s  # phase 1: forward KL with only the expert's sampled tokens known = cross-entropy

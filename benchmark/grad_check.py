@@ -195,11 +195,11 @@ def gather(rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 FORMS = {  # script -> sampled forms (the exact one is "full")
-    "guided_opd": ("sampled", "baseline", "truncated", "ratio"),
-    "mopd": ("pg", "topk", "topk-tail", "truncated", "ratio"),
+    "guided_opd": ("sampled", "baseline", "importance", "ratio"),
+    "mopd": ("pg", "topk", "topk-tail", "importance", "ratio"),
     "atod": ("surrogate",),
 }
-SAMPLED = {"sampled", "baseline", "truncated", "ratio", "pg", "surrogate", "stale"}  # forms whose loss depends on drawn tokens
+SAMPLED = {"sampled", "baseline", "importance", "ratio", "pg", "surrogate", "stale"}  # forms whose loss depends on drawn tokens
 
 
 @dataclass
@@ -209,7 +209,7 @@ class Setting:
     adv_clip: float = 0.0        # guided_opd --adv-clip
     mopd_adv_clip: float = 5.0   # mopd --adv-clip (pg)
     ratio_clip: float = 0.2      # --ratio-clip; atod --clip-eps
-    ratio_max: float = 2.0       # --ratio-max (the truncated ratio, the scripts' default)
+    ratio_max: float = math.inf  # --ratio-max (the importance ratio's cap; the scripts' default: none)
     kappa: float = 1.0           # atod
     topk: int = 64               # mopd --topk
     mutation: str = ""           # a deliberately wrong variant: "nodetach" (the advantage keeps its gradient),
@@ -228,10 +228,10 @@ def token_term(script: str, form: str, s: Setting):
     same function its loss applies to the sampled token (used for the expectation over the whole vocabulary)."""
     if script == "guided_opd" and form in ("sampled", "baseline"):  # a constant baseline's expectation is 0
         return lambda ls, lt, lo: guided_opd.sampled_reverse_kl(ls, lt, s.adv_clip)
-    if script == "guided_opd" and form == "truncated":
-        return lambda ls, lt, lo: guided_opd.truncated_sampled_reverse_kl(ls, lo, lt, s.ratio_max, s.adv_clip)
-    if script == "mopd" and form == "truncated":
-        return lambda ls, lt, lo: mopd.truncated_sampled_reverse_kl(ls, lo, lt, s.ratio_max, s.mopd_adv_clip)
+    if script == "guided_opd" and form == "importance":
+        return lambda ls, lt, lo: guided_opd.importance_sampled_reverse_kl(ls, lo, lt, s.ratio_max, s.adv_clip)
+    if script == "mopd" and form == "importance":
+        return lambda ls, lt, lo: mopd.importance_sampled_reverse_kl(ls, lo, lt, s.ratio_max, s.mopd_adv_clip)
     if script == "guided_opd" and form == "ratio":
         return lambda ls, lt, lo: guided_opd.clipped_sampled_reverse_kl(ls, lo, lt, s.ratio_clip, s.adv_clip)
     if script == "mopd" and form == "pg":
@@ -306,18 +306,18 @@ def script_loss(script: str, form: str, F: torch.Tensor, st: States, s: Setting,
         if script == "guided_opd":
             args = guided_opd.Args(student_loss="full" if full_path else "sampled", teacher_loss="none",
                                    adv_clip=s.adv_clip, ratio_clip=s.ratio_clip if form in ("ratio", "stale") else 0.0,
-                                   ratio_max=s.ratio_max if form == "truncated" else 0.0, adv_baseline=form == "baseline")
-            if form not in ("ratio", "stale", "truncated"):
+                                   ratio_max=s.ratio_max if form == "importance" else 0.0, adv_baseline=form == "baseline")
+            if form not in ("ratio", "stale", "importance"):
                 del mb["old_logp"]  # the plain form: no ratio
             mb["role"] = torch.full_like(dummy, STUDENT)
             pg_sum, ce_sum, _ = guided_opd.guided_opd_loss(None, mb, args)
             return (pg_sum + ce_sum) / max(int(mask.sum()), 1)  # --role-weighting tokens: one token mean
         if script == "mopd":
-            loss = "full" if form == "full" or expect is not None else "pg" if form in ("pg", "ratio", "stale", "truncated") else "topk"
+            loss = "full" if form == "full" or expect is not None else "pg" if form in ("pg", "ratio", "stale", "importance") else "topk"
             args = mopd.Args(loss=loss, adv_clip=s.mopd_adv_clip, topk=s.topk, domains=("d",), topk_tail=form == "topk-tail",
                              ratio_clip=s.ratio_clip if form in ("ratio", "stale") else 0.0,
-                             ratio_max=s.ratio_max if form == "truncated" else 0.0)
-            if form not in ("ratio", "stale", "truncated"):
+                             ratio_max=s.ratio_max if form == "importance" else 0.0)
+            if form not in ("ratio", "stale", "importance"):
                 del mb["old_logp"]  # the plain form: no ratio
             mb["domain"] = dummy
             if loss == "topk":  # the student's log-probs at its teacher's top-k tokens, as token_logprobs(at=...)
@@ -513,12 +513,12 @@ def drift(F_old: torch.Tensor, F: torch.Tensor, clip: float) -> tuple[float, flo
 LABELS = {
     ("guided_opd", "sampled"): "sampled_reverse_kl",
     ("guided_opd", "baseline"): "sampled_reverse_kl, --adv-baseline (micro-batch mean)",
-    ("guided_opd", "truncated"): "truncated_sampled_reverse_kl (--ratio-max 2, the default)",
+    ("guided_opd", "importance"): "importance_sampled_reverse_kl (--ratio-max inf, the default)",
     ("guided_opd", "ratio"): "clipped_sampled_reverse_kl (--ratio-clip 0.2, --adv-clip 0)",
     ("mopd", "pg"): "--loss pg (adv clip {c:g})",
     ("mopd", "topk"): "--loss topk --no-topk-tail (k {k}, the paper's)",
     ("mopd", "topk-tail"): "--loss topk (k {k}, with the tail bucket)",
-    ("mopd", "truncated"): "--loss pg --ratio-max 2 (adv clip {c:g}, the default)",
+    ("mopd", "importance"): "--loss pg, importance ratio (adv clip {c:g}, the default)",
     ("mopd", "ratio"): "--loss pg --ratio-clip 0.2 (adv clip {c:g})",
     ("atod", "surrogate"): "kappa A_OPD in the PPO surrogate, w = 1",
 }
@@ -527,7 +527,7 @@ CASE_LABELS = {"sampled": "(i) plain, advantage of the current student", "pg": "
                "surrogate": "(ii) PPO surrogate (clip {c:g}), advantage of pi_old",
                "wide": "(ii') the same, ratio unclipped (clip 1e9)",
                "stale": "(iii) advantage of pi_old, no ratio (a bug)",
-               "truncated": "(iv) truncated ratio (at most 2), advantage of the current student (the default)"}
+               "importance": "(iv) importance ratio, advantage of the current student (the default)"}
 MUTATIONS = {"nodetach": "advantage without stop-gradient", "flip": "advantage's sign flipped",
              "old_nodetach": "log pi_old = current log-prob with its gradient"}
 
@@ -621,8 +621,8 @@ def main(args: Args) -> None:
             Fm = student_rows(moved, st2)
             d_kl, d_out = drift(F_old, Fm.detach(), args.ratio_clip)
             wide = dataclasses.replace(s, ratio_clip=1e9)
-            for script, forms in (("guided_opd", ("sampled", "truncated", "ratio", "wide", "stale")),
-                                  ("mopd", ("pg", "truncated", "ratio", "wide", "stale")), ("atod", ("surrogate", "wide", "stale"))):
+            for script, forms in (("guided_opd", ("sampled", "importance", "ratio", "wide", "stale")),
+                                  ("mopd", ("pg", "importance", "ratio", "wide", "stale")), ("atod", ("surrogate", "wide", "stale"))):
                 exact = exact_grad(script, Fm, st2, s, mparams)
                 for form in forms:
                     f, sf = (form, s) if form != "wide" else ("surrogate" if script == "atod" else "ratio", wide)

@@ -178,7 +178,7 @@ PAPERS = {
                     "eval/success_rate", SUCCESS, "teacher/success_rate"),
     "sampled": Paper("The paper's sampled-token loss beside the exact one, vanilla OPD",
                      (GUIDED[1],) + tuple(Arm(f"vanilla OPD, {name}", "guided_opd.py", GUIDED[1].flags + SAMPLED_FORM + extra)
-                                          for name, extra in (("sampled, truncated ratio, lr 1e-4", ()),
+                                          for name, extra in (("sampled, importance ratio, lr 1e-4", ()),
                                                               ("sampled, no ratio, lr 1e-4", ("--ratio-max", "0")),
                                                               ("sampled, one step per batch, lr 1e-4", ("--num-minibatches", "1")))),
                      "eval/success_rate", SUCCESS, "teacher/success_rate"),

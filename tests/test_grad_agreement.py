@@ -61,13 +61,13 @@ def scripts_loss_on_the_batch(script: str, form: str, student, teacher, old, epi
     if script == "guided_opd":
         args = guided_opd.Args(student_loss="full" if form == "full" else "sampled", teacher_loss="none",
                                ratio_clip=s.ratio_clip if form == "ratio" else 0.0, adv_baseline=form == "baseline",
-                               ratio_max=s.ratio_max if form == "truncated" else 0.0)
+                               ratio_max=s.ratio_max if form == "importance" else 0.0)
         pg, ce, _ = guided_opd.guided_opd_loss(student, mb, args)
         return (pg + ce) / episodes_states.n
     if script == "mopd":
         loss = {"full": "full", "topk": "topk", "topk-tail": "topk"}.get(form, "pg")
         args = mopd.Args(loss=loss, adv_clip=s.mopd_adv_clip, topk=TOPK, domains=("d",), topk_tail=form == "topk-tail",
-                         ratio_clip=s.ratio_clip if form == "ratio" else 0.0, ratio_max=s.ratio_max if form == "truncated" else 0.0)
+                         ratio_clip=s.ratio_clip if form == "ratio" else 0.0, ratio_max=s.ratio_max if form == "importance" else 0.0)
         mb["domain"] = torch.zeros_like(mb["input_ids"])
         mb["teacher_topk_logp"], mb["teacher_topk_ids"] = sc.topk_logp, sc.topk_ids
         if loss != "full":
@@ -88,7 +88,7 @@ def scripts_loss_on_the_batch(script: str, form: str, student, teacher, old, epi
 
 
 @pytest.mark.parametrize("script,form", [("guided_opd", "full"), ("guided_opd", "sampled"), ("guided_opd", "ratio"),
-                                         ("guided_opd", "truncated"), ("mopd", "truncated"),
+                                         ("guided_opd", "importance"), ("mopd", "importance"),
                                          ("guided_opd", "baseline"), ("mopd", "full"), ("mopd", "pg"), ("mopd", "ratio"), ("mopd", "topk"),
                                          ("mopd", "topk-tail"), ("atod", "full"), ("atod", "surrogate")])
 def test_the_check_computes_the_scripts_own_loss(case, script, form):
@@ -201,30 +201,30 @@ def test_the_ratio_turns_old_samples_into_current_ones(case, moved, script, form
 
 @pytest.mark.parametrize("script", ["guided_opd", "mopd"])
 def test_the_truncated_ratio_is_the_on_policy_gradient_and_follows_the_student(case, moved, script, monkeypatch):
-    # the scripts' default for later mini-batches (--ratio-max 2): (1) on the first mini-batch (ratio 1) its
-    # gradient is the plain on-policy form's, draw for draw; (2) over tokens drawn by the rollout-time student its
-    # expected gradient (cap wide open) is the on-policy gradient at the moved student, and with the cap at 2
-    # it stays within a few degrees of it; (3) a mutation that drops the ratio no longer gives that gradient
+    # the scripts' default for later mini-batches (the importance ratio, --ratio-max inf): (1) on the first
+    # mini-batch (ratio 1) its gradient is the plain on-policy form's, draw for draw; (2) over tokens drawn by the
+    # rollout-time student its expected gradient is the on-policy gradient at the moved student; truncated at 2
+    # it is another; (3) a mutation that drops the ratio no longer gives that gradient
     plain = "sampled" if script == "guided_opd" else "pg"
     y = gc.draw(case.F.detach().exp(), 64, torch.Generator().manual_seed(0))
 
     def at_start(form):
         return gc.param_grad(case.F, case.params, lambda rows: gc.script_loss(script, form, rows, case.st, case.s, y))
-    torch.testing.assert_close(at_start("truncated"), at_start(plain), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(at_start("importance"), at_start(plain), rtol=1e-5, atol=1e-8)
 
     old_p, cur_p = moved.F_old.exp(), moved.F.detach().exp()
-    wide = dataclasses.replace(case.s, ratio_max=1e9)
+    capped = dataclasses.replace(case.s, ratio_max=2.0)
 
     def expected(form, s, expect):
         return gc.param_grad(moved.F, moved.params, lambda rows: gc.script_loss(script, form, rows, moved.st, s, None,
                                                                                 moved.F_old, expect))
     on_policy = expected(plain, case.s, cur_p)  # the plain form over the current student's own tokens
-    torch.testing.assert_close(expected("truncated", wide, old_p), on_policy, rtol=1e-4, atol=1e-7)
-    assert gc.cosine(expected("truncated", case.s, old_p), on_policy) > 0.99
+    torch.testing.assert_close(expected("importance", case.s, old_p), on_policy, rtol=1e-4, atol=1e-7)
+    assert gc.cosine(expected("importance", capped, old_p), on_policy) < 1 - 1e-4  # truncated: biased
     module = {"guided_opd": guided_opd, "mopd": mopd}[script]
-    monkeypatch.setattr(module, "truncated_sampled_reverse_kl",  # the mutation: the ratio dropped (weight 1)
+    monkeypatch.setattr(module, "importance_sampled_reverse_kl",  # the mutation: the ratio dropped (weight 1)
                         lambda ls, lo, lt, c, ac=0.0, b=0.0: module.sampled_reverse_kl(ls, lt, ac, *((b,) if b else ())))
-    dropped = expected("truncated", wide, old_p)
+    dropped = expected("importance", case.s, old_p)
     assert (dropped - on_policy).norm() > 0.1 * on_policy.norm()  # the old student's tokens, unweighted: another gradient
 
 
