@@ -34,9 +34,10 @@ Then several mini-batches, as the scripts split a rollout batch: the student tak
 rate LR (`--moves S@LR`, the exact reverse KL on the first mini-batch); the second mini-batch's tokens are then
 drawn from the rollout-time student pi_old while the gradient is taken at the current one. Compared with the
 exact gradient at the current parameters: (i) the plain form, advantage recomputed from the current student
-(what guided_opd and mopd do without --ratio-clip), (ii) the clipped ratio form (--ratio-clip 0.2; atod's
-surrogate, --clip-eps 0.2), (ii') the same with the clip wide open (importance weighting only), (iii) the stale
-advantage of pi_old without any ratio (a bug). The drift is reported as the mean KL(pi_old || pi_s) per
+(`--ratio-max 0`), (ii) the clipped ratio form (--ratio-clip 0.2; atod's surrogate, --clip-eps 0.2), (ii') the
+same with the clip wide open (importance weighting only), (iii) the stale advantage of pi_old without any ratio
+(a bug), (iv) the plain form weighted by the importance ratio (guided_opd's and mopd's default) and (iv') the
+same truncated at 2. The drift is reported as the mean KL(pi_old || pi_s) per
 position and the share of pi_old's draws whose ratio leaves 1 +- 0.2.
 
     python benchmark/grad_check.py                      # the tiny student and simonsays expert, about a minute on CPU
@@ -98,7 +99,7 @@ class Args:
     """--ratio-clip of the clipped forms (guided_opd, mopd) and atod's --clip-eps"""
     kappa: float = 1.0
     """atod's kappa (1 at its first iteration)"""
-    moves: tuple[str, ...] = ("7@1e-6", "1@1e-5", "7@1e-5", "1@1e-3")
+    moves: tuple[str, ...] = ("7@1e-6", "1@1e-5", "7@1e-5", "3@1e-4", "1@1e-3")
     """mini-batch case, `S@LR`: the student takes S AdamW steps at learning rate LR between the rollout and the
     mini-batch (7 = the last of 8 mini-batches; 1e-3 is guided_opd's tiny default); empty to skip"""
     seed: int = 0
@@ -527,7 +528,8 @@ CASE_LABELS = {"sampled": "(i) plain, advantage of the current student", "pg": "
                "surrogate": "(ii) PPO surrogate (clip {c:g}), advantage of pi_old",
                "wide": "(ii') the same, ratio unclipped (clip 1e9)",
                "stale": "(iii) advantage of pi_old, no ratio (a bug)",
-               "importance": "(iv) importance ratio, advantage of the current student (the default)"}
+               "importance": "(iv) importance ratio, advantage of the current student (the default)",
+               "capped": "(iv') the same, truncated at 2 (--ratio-max 2)"}
 MUTATIONS = {"nodetach": "advantage without stop-gradient", "flip": "advantage's sign flipped",
              "old_nodetach": "log pi_old = current log-prob with its gradient"}
 
@@ -620,12 +622,14 @@ def main(args: Args) -> None:
             mparams = [p for p in moved.parameters() if p.requires_grad]
             Fm = student_rows(moved, st2)
             d_kl, d_out = drift(F_old, Fm.detach(), args.ratio_clip)
-            wide = dataclasses.replace(s, ratio_clip=1e9)
-            for script, forms in (("guided_opd", ("sampled", "importance", "ratio", "wide", "stale")),
-                                  ("mopd", ("pg", "importance", "ratio", "wide", "stale")), ("atod", ("surrogate", "wide", "stale"))):
+            wide, capped = dataclasses.replace(s, ratio_clip=1e9), dataclasses.replace(s, ratio_max=2.0)
+            for script, forms in (("guided_opd", ("sampled", "importance", "capped", "ratio", "wide", "stale")),
+                                  ("mopd", ("pg", "importance", "capped", "ratio", "wide", "stale")),
+                                  ("atod", ("surrogate", "wide", "stale"))):
                 exact = exact_grad(script, Fm, st2, s, mparams)
                 for form in forms:
-                    f, sf = (form, s) if form != "wide" else ("surrogate" if script == "atod" else "ratio", wide)
+                    f, sf = ((form, s) if form not in ("wide", "capped") else ("importance", capped) if form == "capped"
+                             else ("surrogate" if script == "atod" else "ratio", wide))
                     res = agreement(script, f, Fm, st2, sf, mparams, exact, ks, args.move_repeats, args.repeats_large,
                                     gen, old=F_old)
                     print(f"| {steps} @ {lr} | {d_kl:.2g} | {d_out:.3f} | {script} | "
