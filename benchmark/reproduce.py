@@ -205,7 +205,8 @@ PAPERS = {
     "two_phase": Paper("two-phase distillation against either phase alone", (
         Arm("two-phase", "two_phase.py", length=phases(lambda n: n // 2)),
         Arm("off-policy only", "two_phase.py", length=phases(lambda n: n)),
-        Arm("off-policy only, at phase 2's rate", "two_phase.py", ("--learning-rate", "5e-4"), phases(lambda n: n)),
+        Arm("two-phase, phase 2 at phase 1's rate", "two_phase.py", ("--phase2-learning-rate", "2e-3"),
+            phases(lambda n: n // 2)),
         Arm("on-policy only", "two_phase.py", length=phases(lambda n: 0)),
         Arm("two-phase, real-model losses", "two_phase.py", REAL_LOSSES, phases(lambda n: n // 2))),
         "eval/success_rate", SUCCESS + ", mean over the tasks", "teacher/success_rate"),
