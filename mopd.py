@@ -125,9 +125,9 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
-    num_minibatches: int = 4
+    num_minibatches: int = 5
     """optimizer steps per iteration: the rollout batch is split into this many mini-batches, each holding every
-    domain in the batch's ratio (so at most the smallest domain's count of the batch)"""
+    domain in the batch's ratio (so at most the smallest domain's count of the batch: 5 of the tiny default's 16)"""
     micro_batch_tokens: int | None = None
     """token budget of one forward/backward micro-batch, gradient accumulation within a mini-batch (auto:
     4096 tiny, 16384 real)"""

@@ -167,7 +167,7 @@ SUCCESS = "held-out success of the student alone"
 SAMPLED_FORM = ("--student-loss", "sampled", "--teacher-loss", "ce", "--learning-rate", "1e-4")
 # two_phase.py as the off-policy arm of MOPD's comparison: MOPD's batch, rate, optimizer steps, held-out episodes,
 # and every teacher episode kept (MOPD distills whatever its teachers say)
-MOPD_MATCHED = ("--num-envs", "16", "--learning-rate", "5e-4", "--num-minibatches", "4", "--eval-episodes", "64",
+MOPD_MATCHED = ("--num-envs", "16", "--learning-rate", "5e-4", "--num-minibatches", "5", "--eval-episodes", "64",
                 "--no-success-only")
 PAPERS = {
     "guided_opd": Paper("Guided-OPD against vanilla OPD, with the exact losses and the real-model ones", GUIDED + tuple(

@@ -129,10 +129,10 @@ def test_dry_run_commands(tmp_path):
     assert all("--total-iterations 6" in line for line in lines[:2] + lines[3:])
 
     assert "--real-losses" in lines[5]
-    off_matched = ("--num-envs 16 --learning-rate 5e-4 --num-minibatches 4 --eval-episodes 64 --no-success-only")
+    off_matched = ("--num-envs 16 --learning-rate 5e-4 --num-minibatches 5 --eval-episodes 64 --no-success-only")
     assert off_matched in pooled  # MOPD's batch, rate, steps and held-out episodes (mopd.py's own defaults)
     assert [mopd.Args().num_envs, mopd.TINY["learning_rate"], mopd.Args().num_minibatches, mopd.Args().eval_episodes] == [
-        16, 5e-4, 4, 64]
+        16, 5e-4, 5, 64]
 
     p = reproduce_cmd(["two_phase", "--dry-run", "--seeds", "1", "--iterations", "7"], tmp_path)
     two, off, two_fast, on, real = p.stdout.splitlines()
