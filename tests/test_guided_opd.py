@@ -404,7 +404,7 @@ def test_real_student_gets_a_real_teacher_and_real_lengths():
     args = g.Args(student="qwen3-1.7b")
     fill_defaults(args, g.TINY, g.REAL)
     assert teacher_name(args.teacher, student_name(args.student, args.env), args.env, g.REAL_TEACHER) == "qwen3-8b"
-    assert (args.max_new_tokens, args.student_loss, args.teacher_loss, args.max_turns) == (512, "sampled", "ce", 0)
+    assert (args.max_new_tokens, args.student_loss, args.teacher_loss, args.max_turns) == (512, "topk", "ce", 0)
     tiny_args = g.Args()
     fill_defaults(tiny_args, g.TINY, g.REAL)
     assert (tiny_args.max_new_tokens, tiny_args.student_loss, tiny_args.max_turns) == (24, "full", 12)
