@@ -506,6 +506,8 @@ def check_args(args: Args) -> None:
     if args.expert_temperature < 0 or min(args.adv_clip, args.ratio_clip, args.ratio_max) < 0 or args.topk < 1:
         raise SystemExit("error: --expert-temperature must be 0 (greedy) or more, --adv-clip, --ratio-clip and "
                          "--ratio-max 0 (off) or positive, --topk at least 1")
+    if args.ratio_clip and args.student_loss != "sampled":
+        raise SystemExit("error: --ratio-clip weighs phase 2's sampled form: use it with --student-loss sampled, or drop it")
 
 
 if __name__ == "__main__":

@@ -369,6 +369,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks, phase1):
     (["--user-model", "tiny"], "--user-model is for conversational envs"),
     (["--ratio-clip", "-0.2"], "--adv-clip, --ratio-clip and --ratio-max 0 (off) or positive"),
     (["--ratio-max", "-1"], "--adv-clip, --ratio-clip and --ratio-max 0 (off) or positive"),
+    (["--ratio-clip", "0.2", "--student-loss", "topk"], "--ratio-clip weighs phase 2's sampled form"),
     (["--resume", "no/such/run"], "no checkpoint"),
     (["--student", "tiny-huge"], "no tiny student 'tiny-huge'"),
 ])
@@ -397,14 +398,14 @@ def test_expert_with_another_vocabulary_is_refused(tmp_path):
 @pytest.mark.needs_env("tau2")
 def test_tau2_tasks_end_to_end_with_a_model_customer(tmp_path, qwen3_shaped):
     """The paper's main benchmark: two conversational tasks (airline and retail), the customer played by a model
-    (`--user-model`), the real-model defaults (cross-entropy in phase 1, sampled reverse KL in phase 2, here with
-    --ratio-clip: the student's rollout log-probs scored in phase 2 only)."""
+    (`--user-model`), the real-model defaults (cross-entropy in phase 1, the top-k reverse KL in phase 2: the
+    experts' top-k scored in phase 2 only)."""
     m = qwen3_shaped
     p = run(["--tasks", "tau2:airline", "tau2:retail", "--student", m, "--teachers", m, m, "--user-model", m,
              "--num-envs", "2", "--phase1-iterations", "1", "--phase2-iterations", "1", "--expert-episodes", "2",
-             "--no-success-only", "--max-turns", "2", "--max-new-tokens", "8", "--max-seq-len", "9000", "--ratio-clip",
-             "0.2", "--num-minibatches", "1", "--eval-interval", "2", "--eval-episodes", "2", "--learning-rate", "1e-3"], tmp_path)
+             "--no-success-only", "--max-turns", "2", "--max-new-tokens", "8", "--max-seq-len", "9000",
+             "--num-minibatches", "1", "--eval-interval", "2", "--eval-episodes", "2", "--learning-rate", "1e-3"], tmp_path)
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     assert "held-out success airline" in p.stdout and os.path.exists(os.path.join(run_dir, "final", "config.json"))
-    assert scalars(run_dir, "schedule/phase") == {1: 1, 2: 2} and set(scalars(run_dir, "losses/clipfrac")) == {2}
+    assert scalars(run_dir, "schedule/phase") == {1: 1, 2: 2} and set(scalars(run_dir, "losses/reverse_kl")) == {2}
     assert all(v > 0 for v in scalars(run_dir, "losses/grad_norm").values())
