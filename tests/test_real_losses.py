@@ -13,9 +13,10 @@ import atod
 import guided_opd
 import mopd
 import two_phase
-from common.episode import STUDENT, Episode, collate
+from common.episode import collate
 from common.models import fill_defaults
 from common.teacher import score_teacher
+from test_atod import synthetic_episodes
 
 V = 50
 
@@ -27,19 +28,11 @@ def tiny_model(seed: int):
     return Qwen3ForCausalLM(cfg)
 
 
-def episodes(n=8):
-    rng = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(n):
-        ep = Episode(ids=[], loss_mask=[], turn_id=[], role=[], slot=i)
-        for turn in range(1 + i % 3):
-            obs = torch.randint(1, V, (int(torch.randint(2, 6, (1,), generator=rng)),), generator=rng).tolist()
-            reply = torch.randint(1, V, (int(torch.randint(1, 5, (1,), generator=rng)),), generator=rng).tolist()
-            ep.ids += obs + reply
-            ep.loss_mask += [0] * len(obs) + [1] * len(reply)
-            ep.turn_id += [-1] * len(obs) + [turn] * len(reply)
-            ep.role += [0] * len(obs) + [STUDENT] * len(reply)
-        out.append(ep)
+def episodes():
+    """test_atod's 8 synthetic episodes (1-3 student turns each), each in its own slot of the batch."""
+    out = synthetic_episodes()
+    for j, ep in enumerate(out):
+        ep.slot = j
     return out
 
 
