@@ -15,7 +15,8 @@ mode-seeking but needs a student that already reaches the states the experts kno
   A_t = stopgrad(log pi_T(y_t) - log pi_s(y_t)), loss_t = -A_t log pi_s(y_t) (the paper's objective), or the
   exact reverse KL over the vocabulary (`--student-loss full`). No environment reward.
 - `--phase2-iterations 0` is off-policy distillation alone, `--phase1-iterations 0` on-policy alone: the two
-  baselines are this script.
+  baselines are this script; `--phase2-data experts` is off-policy alone with phase 2's learning rate after
+  the switch (the control of the rate drop).
 
 Open choices, as flags: the data size (--expert-episodes per task), filtering by success (--success-only),
 the switch (after --phase1-iterations; the paper gives no criterion), the exact losses for local teachers
@@ -178,6 +179,10 @@ class Args:
     ratio_clip: float = 0.0
     """phase 2's sampled form: PPO's clipped surrogate instead, the ratio clipped to 1 +- ratio_clip with the
     advantage of the rollout-time student (0 = off; when set, --ratio-max is not used)"""
+    phase2_data: Literal["student", "experts"] = "student"
+    """phase 2's data: `student` = its own rollouts (on-policy, the paper); `experts` = more batches of phase 1's
+    data and loss at phase 2's rate: off-policy distillation with the default's learning-rate drop, the control
+    that differs from the default only in where phase 2's data comes from"""
     real_losses: bool = False
     """with a tiny student: train with the real-model losses (REAL_LOSSES: --teacher-loss and --student-loss as a
     real run takes them), everything else the tiny default's, to see them teach on a CPU"""
@@ -498,7 +503,7 @@ def check_args(args: Args) -> None:
     if args.teachers is not None and len(args.teachers) != len(args.tasks):
         raise SystemExit(f"error: --teachers must name one expert per task: {len(args.tasks)} task(s) "
                          f"({' '.join(args.tasks)}) but {len(args.teachers)} teacher(s)")
-    if args.phase1_iterations and args.expert_episodes < 1:
+    if (args.phase1_iterations or args.phase2_data == "experts") and args.expert_episodes < 1:
         raise SystemExit("error: --expert-episodes must be at least 1 with a phase 1 (or pass --phase1-iterations 0)")
     if args.temperature != 1 and args.student_loss == "sampled":
         raise SystemExit("error: --temperature must be 1 with the sampled reverse KL (its log-probs are of the "
@@ -589,7 +594,7 @@ if __name__ == "__main__":
 
     # Phase 1 data, played before training (again on a resume in phase 1: the experts' sampling has its own
     # generator seeded from --seed, so the same episodes come back).
-    if run.start < args.phase1_iterations:
+    if run.start < args.phase1_iterations or args.phase2_data == "experts":
         t0 = time.time()
         collect_sampler = torch.Generator(device=device).manual_seed(args.seed * 1000 + 777 + rank)
         data, train_rates = collect_expert_data(experts, tokenizer, task_pools, args, collect_sampler, max_turns, rank, world)
@@ -604,13 +609,14 @@ if __name__ == "__main__":
     for iteration in range(run.start, args.total_iterations):
         t_iter = time.time()
         phase = phase_at(iteration, args)
+        off_policy = phase == 1 or args.phase2_data == "experts"  # the experts' episodes, phase 1's loss
         lr = lr_at(iteration, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
         # ALGO LOGIC: phase 1 takes the iteration's batch of the experts' episodes; phase 2 plays the student
         t0 = time.time()
-        if phase == 1:
+        if off_policy:
             episodes = expert_batch(data, iteration, args, rank, world)
         else:
             seeds = [(iteration * world + rank) * args.num_envs + j for j in range(args.num_envs)]
@@ -627,11 +633,11 @@ if __name__ == "__main__":
         # sampled form, the student's own rollout-time log-probs too (the ratio's denominator).
         t0 = time.time()
         batch = collate(episodes, tokenizer.pad_token_id)
-        need_full = (args.teacher_loss if phase == 1 else args.student_loss) == "full"
+        need_full = (args.teacher_loss if off_policy else args.student_loss) == "full"
         scores = score_by_task(experts, batch, episodes, full=need_full,
-                               topk=args.topk if phase == 2 and args.student_loss == "topk" else 0)
+                               topk=args.topk if not off_policy and args.student_loss == "topk" else 0)
         old_logp = None
-        if phase == 2 and args.student_loss == "sampled" and (args.ratio_clip > 0 or args.ratio_max > 0):
+        if not off_policy and args.student_loss == "sampled" and (args.ratio_clip > 0 or args.ratio_max > 0):
             old_logp = score_teacher(student, batch, batch["loss_mask"], args.micro_batch_tokens).logp
         t_teacher = time.time() - t0
 
@@ -648,10 +654,10 @@ if __name__ == "__main__":
         completed = iteration + 1  # charts/*: in phase 1 of the experts' episodes trained on, in phase 2 the student's
         n_student, n_teacher = max(totals["student_tokens"], 1), max(totals["teacher_tokens"], 1)
         losses = {"loss": (totals["pg_loss"] + totals["ce_loss"]) / max(totals["agent_tokens"], 1), **(
-            {"forward_kl": totals["forward_kl"] / n_teacher, "ce_loss": totals["ce_loss"] / n_teacher} if phase == 1 else
+            {"forward_kl": totals["forward_kl"] / n_teacher, "ce_loss": totals["ce_loss"] / n_teacher} if off_policy else
             {"reverse_kl": totals["reverse_kl"] / n_student, "pg_loss": totals["pg_loss"] / n_student}),  # one role a phase
             **({"clipfrac": totals["clipped"] / n_student} if "clipped" in totals else {})}
-        kl = f"fkl {losses['forward_kl']:.3f}" if phase == 1 else f"rkl {losses['reverse_kl']:.3f}"
+        kl = f"fkl {losses['forward_kl']:.3f}" if off_policy else f"rkl {losses['reverse_kl']:.3f}"
         run.log_iteration(completed, totals, step, lr, t_iter, (t_rollout, t_teacher, t_train), losses, {"phase": phase},
                           words=f"phase {phase}  {kl}")
         if run.due(completed, args.eval_interval):

@@ -11,7 +11,8 @@ run) and an SVG figure (mean over seeds against the iteration, with a min-max ba
                                                # data (two_phase.py), MOPD with --loss pg and with --loss topk
     python benchmark/reproduce.py atod         # ATOD, OPD, GRPO (also at a tenth of the learning rate), no annealing,
                                                # no T-DUR; the teacher as a line
-    python benchmark/reproduce.py two_phase    # two-phase, off-policy only, on-policy only (same total iterations)
+    python benchmark/reproduce.py two_phase    # two-phase, off-policy only (at one rate, and with the default's
+                                               # drop), on-policy only (same total iterations)
 
     python benchmark/reproduce.py atod --seeds 1 2 3 --jobs 2 --arms ATOD OPD   # 3 seeds, two runs at a time
     python benchmark/reproduce.py mopd --dry-run                                 # print the commands only
@@ -205,6 +206,8 @@ PAPERS = {
     "two_phase": Paper("two-phase distillation against either phase alone", (
         Arm("two-phase", "two_phase.py", length=phases(lambda n: n // 2)),
         Arm("off-policy only", "two_phase.py", length=phases(lambda n: n)),
+        Arm("off-policy only, phase 2's rate after the switch", "two_phase.py", ("--phase2-data", "experts"),
+            phases(lambda n: n // 2)),
         Arm("two-phase, phase 2 at phase 1's rate", "two_phase.py", ("--phase2-learning-rate", "2e-3"),
             phases(lambda n: n // 2)),
         Arm("on-policy only", "two_phase.py", length=phases(lambda n: 0)),

@@ -135,7 +135,8 @@ def test_dry_run_commands(tmp_path):
         16, 5e-4, 5, 64]
 
     p = reproduce_cmd(["two_phase", "--dry-run", "--seeds", "1", "--iterations", "7"], tmp_path)
-    two, off, two_fast, on, real = p.stdout.splitlines()
+    two, off, off_drop, two_fast, on, real = p.stdout.splitlines()
+    assert "--phase2-data experts --seed 1 --phase1-iterations 3 --phase2-iterations 4" in off_drop
     assert "--phase1-iterations 3 --phase2-iterations 4" in two and "--phase1-iterations 3 --phase2-iterations 4" in real
     assert "--phase1-iterations 7 --phase2-iterations 0" in off and "--phase1-iterations 0 --phase2-iterations 7" in on
     assert "--phase2-learning-rate 2e-3 --seed 1 --phase1-iterations 3 --phase2-iterations 4" in two_fast

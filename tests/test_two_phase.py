@@ -330,6 +330,30 @@ def test_torchrun_two_ranks_gives_the_single_process_run(tmp_path):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6, rtol=1e-5) for k in w1)
 
 
+def test_phase2_on_the_experts_data_is_off_policy_distillation_with_phase2s_rate(tmp_path):
+    """--phase2-data experts (the control of the default's learning-rate drop): phase 2 takes phase 1's batches and
+    loss, so at phase 1's rate it is off-policy distillation alone, step for step and weight for weight; at
+    another rate only the rate differs (a phase 2 that played the student would log a reverse KL)."""
+    common = SMOKE + TWO_TASKS + ["--num-envs", "4", "--expert-episodes", "6", "--expert-temperature", "0",
+                                  "--eval-interval", "4", "--eval-episodes", "2", "--save-interval", "4"]
+    run(common + ["--phase1-iterations", "4", "--phase2-iterations", "0", "--runs-dir", "off"], tmp_path)
+    run(common + ["--phase1-iterations", "2", "--phase2-iterations", "2", "--phase2-data", "experts",
+                  "--phase2-learning-rate", "2e-3", "--runs-dir", "same"], tmp_path)
+    run(common + ["--phase1-iterations", "2", "--phase2-iterations", "2", "--phase2-data", "experts",
+                  "--runs-dir", "drop"], tmp_path)
+    (off,), (same,), (drop,) = (glob.glob(str(tmp_path / d / "*")) for d in ("off", "same", "drop"))
+    assert_same_run(off, same, ["losses/loss", "losses/forward_kl", "losses/grad_norm", "eval/success_rate"])
+    w1, w2 = final_weights(off), final_weights(same)
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6, rtol=1e-5) for k in w1)
+    assert set(scalars(drop, "losses/forward_kl")) == {1, 2, 3, 4} and scalars(drop, "schedule/phase")[4] == 2
+    with pytest.raises(KeyError):
+        scalars(drop, "losses/reverse_kl")
+    lr = scalars(drop, "charts/learning_rate")
+    assert lr[2] == pytest.approx(2e-3) and lr[3] == pytest.approx(5e-4), lr
+    w3 = final_weights(drop)
+    assert any(not torch.allclose(w1[k], w3[k], atol=1e-6, rtol=1e-5) for k in w1)
+
+
 @pytest.mark.parametrize("ranks,phase1", [(1, 3), (2, 1)])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks, phase1):
     """Killed after its first checkpoint (iteration 2 of 4: in phase 1 with --phase1-iterations 3, so the resumed
