@@ -31,7 +31,8 @@ recipe, exit status and wall time). A run that exited cleanly and saved its fina
 command is repeated; an interrupted one continues from its last checkpoint (`--resume`); a failed one is
 reported with its log's last lines and its command, and the table marks its seed. A folder that holds a
 run of another recipe (other iterations, flags or --extra) is an error: pass another --runs-dir.
-Writes `<out-dir>/<paper>.md` and `<out-dir>/<paper>.svg`.
+Writes `<out-dir>/<paper>.md` and `<out-dir>/<paper>.svg`; with the default --out-dir, also the quotes of them in
+README.md and docs/ (benchmark/quote.py).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import quote  # noqa: E402
 from curves import read_scalars, summary, svg  # noqa: E402
 
 Curve = dict[int, float]  # step -> value
@@ -490,6 +492,10 @@ def main(argv: list[str]) -> int:
         with open(svg_path, "w") as f:
             f.write(svg(groups, paper.title, paper.tag))
     print("\n" + md + f"\nwrote {md_path}" + (f" and {svg_path}" if groups else " (no finished run: no figure)"), flush=True)
+    if os.path.abspath(args.out_dir) == os.path.join(ROOT, "benchmark", "results"):  # the files the pages quote
+        for page in quote.pages():
+            if quote.write(page):
+                print(f"rewrote the quotes of {shown(page)}")
     for job in failed:
         print(f"\n{job.arm.label}, seed {job.seed} failed: {shlex.join(job.state()['command'])}\n"
               f"last lines of {job.log}:\n{tail(job.log)}", file=sys.stderr)

@@ -198,7 +198,12 @@ def test_report_numbers(tmp_path):
     assert "--phase1-iterations 10 --phase2-iterations 0" in rows["off-policy on the pooled teachers' data"][0]
     assert f"- off-policy on the pooled teachers' data, seed 2 (exit 1): log `{jobs[3].log}`" in md
     assert groups["off-policy on the pooled teachers' data"] == [pytest.approx({0: 0.0, 5: 0.25, 10: 0.5})]
-    assert reproduce.svg(groups, paper.title, paper.tag).count("<polyline") == 2
+    figure = reproduce.svg(groups, paper.title, paper.tag)  # a panel per arm, the first arm dashed in the second
+    assert figure.count("<polygon") == 2 and figure.count("<polyline") == 3 and figure.count('stroke-dasharray="5,4"') == 1
+    groups["teacher"] = [{0: 0.9, 10: 0.9}]
+    figure = reproduce.svg(groups, paper.title, paper.tag)  # the teacher: a dotted level in each panel, not a panel
+    assert figure.count("<polygon") == 2 and figure.count('stroke-dasharray="2,3"') == 2
+    assert [reproduce.svg.__globals__["nice_step"](n) for n in (30, 100, 200, 7)] == [5, 20, 50, 2]
 
 
 def test_profile_iteration_splits_a_run_into_its_parts(tmp_path):
