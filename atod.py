@@ -26,8 +26,8 @@ shuffled anew each epoch from --seed and the iteration: GRPO's advantages sum to
 by kappa w_k beside the surrogate, exact (`full`, the tiny default's: cheap with a 1.5k vocabulary) or over the
 teacher's top 64 tokens and a tail bucket (`topk`, the real-model default: the sampled form did not teach the
 tiny student in guided_opd.py, the top-k form did); `--real-losses` runs a tiny student with the real-model one.
---term-grad-norms logs the gradient norm of each term on an iteration's first step (README: the two terms'
-scales). Baselines and ablations: --mode opd (rho = 0), grpo (kappa = 0), constant (kappa = rho = 1).
+--term-grad-norms logs the gradient norm of each term on an iteration's first step (docs/atod.md: the two
+terms' scales). Baselines and ablations: --mode opd (rho = 0), grpo (kappa = 0), constant (kappa = rho = 1).
 Groups are never split across ranks: each rank plays whole groups, so advantages are computed locally. A
 mini-batch without any signal (every advantage and KL weight 0: GRPO on groups of equal rewards) takes no step.
 Arguments left at None are "auto" (the TINY and REAL tables below the Args).
@@ -479,7 +479,7 @@ def check_args(args: Args) -> None:
                          "each rank plays whole groups")
     if args.temperature != 1 and args.opd_loss == "sampled":
         raise SystemExit("error: --temperature must be 1 with --opd-loss sampled (its log-probs are of the untempered "
-                         "student); sample at another temperature only with --opd-loss full")
+                         "student); sample at another temperature only with --opd-loss full or topk")
     if args.clip_eps <= 0 or args.update_epochs < 1 or args.anneal_iterations < 0 or args.topk < 1:
         raise SystemExit("error: --clip-eps must be positive, --update-epochs at least 1, --anneal-iterations 0 or more, "
                          "--topk at least 1")

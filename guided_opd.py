@@ -17,7 +17,7 @@ training (then plain OPD). Evaluation uses beta = 0. No environment reward is us
 
 Which loss runs: a real model's student turns train by default with `--student-loss topk`, the reverse KL over
 the teacher's top 64 tokens plus one bucket for the rest of the vocabulary (no sampling of the loss; it
-taught vanilla OPD on the tiny default where the sampled form did not, README), its teacher turns with `ce`;
+taught vanilla OPD on the tiny default where the sampled form did not, docs/guided_opd.md), its teacher turns with `ce`;
 the tiny default trains with the exact full-vocabulary losses (`full`), and `--real-losses` runs a tiny student
 with the real-model ones. Mini-batches: the rollout batch, shuffled (a draw from --seed and the iteration, the
 same on any number of ranks), is split into --num-minibatches optimizer steps; the sampled form weighs the
@@ -100,7 +100,7 @@ class Args:
     """tokens an episode may hold; a turn that would not fit ends the episode as truncated (auto: 2048 tiny,
     16384 real)"""
     temperature: float = 1.0
-    """sampling temperature of training rollouts; other than 1 only with the exact losses (full/full or none)"""
+    """sampling temperature of training rollouts; other than 1 only with --student-loss full or topk and --teacher-loss full or none"""
     cache_turns: bool = True
     """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster;
     the memory grows with episodes x tokens; turn off if rollouts run out of memory)"""
@@ -159,7 +159,7 @@ class Args:
     student_loss: Literal["sampled", "topk", "full"] | None = None
     """student turns: `sampled` = the paper's sampled-token reverse KL; `topk` = the reverse KL over the teacher's
     top --topk tokens and one bucket for the rest (scales to a 151k vocabulary; it taught where `sampled` did not,
-    README); `full` = the exact reverse KL over the vocabulary (auto: full tiny, topk real)"""
+    docs/guided_opd.md); `full` = the exact reverse KL over the vocabulary (auto: full tiny, topk real)"""
     topk: int = 64
     """topk: the teacher's k most likely tokens at each position"""
     teacher_loss: Literal["ce", "full", "none"] | None = None
@@ -176,7 +176,7 @@ class Args:
     ratio_max: float = math.inf
     """sampled form: weigh each token's term by the importance ratio pi_s / pi_s(rollout), so that later
     mini-batches stay on-policy in expectation; truncated at ratio_max (inf: the plain ratio, which measured
-    closest to the exact gradient, README); 0 = no ratio, the plain estimator (off-policy after the first step)"""
+    closest to the exact gradient, docs/optimizer_steps.md); 0 = no ratio, the plain estimator (off-policy after the first step)"""
     ratio_clip: float = 0.0
     """sampled form: PPO's clipped surrogate instead, the ratio clipped to 1 +- ratio_clip with the advantage of
     the rollout-time student (0 = off; when set, --ratio-max is not used)"""
@@ -471,7 +471,7 @@ def check_args(args: Args) -> None:
     check_rollout_args(args)
     if args.temperature != 1 and (args.student_loss == "sampled" or args.teacher_loss == "ce"):
         raise SystemExit("error: --temperature must be 1 with the sampled losses (their log-probs are of the untempered "
-                         "models); sample at another temperature only with --student-loss full and --teacher-loss full or none")
+                         "models); sample at another temperature only with --student-loss full or topk and --teacher-loss full or none")
     if not (0 <= args.beta_end <= 1 and 0 <= args.beta_start <= 1) or min(args.adv_clip, args.ratio_clip, args.ratio_max) < 0:
         raise SystemExit("error: --beta-start and --beta-end must be between 0 and 1, --adv-clip, --ratio-clip and "
                          "--ratio-max 0 (off) or positive")

@@ -14,7 +14,7 @@ trajectory's tokens, then the mean over trajectories.
   sum_v [p_s(v) log(p_s(v)/p_t(v)) - p_s(v) + p_t(v)], not renormalised (the last two terms correct for the
   truncation; with k = the vocabulary it is the exact reverse KL). By default (not in the paper; the paper's
   form is `--no-topk-tail`) plus the same term for the bucket of all tokens outside the top-k: without it
-  nothing holds the student's mass there down (the tiny student's collapsed into it, README).
+  nothing holds the student's mass there down (the tiny student's collapsed into it, docs/mopd.md).
 - `--loss full`: the exact reverse KL over the vocabulary, for local teachers (cheap with the tiny vocabulary).
 The headline metric: per domain, the normalised score g_d = (s_d - s_d(initial student)) / (s_d(teacher) -
 s_d(initial student)) on held-out seeds (0 = the initial student, 1 = the domain's teacher), and its mean
@@ -32,7 +32,7 @@ tiny default's values with a tiny student, the real-model values otherwise (the 
 the Args). The tiny default trains with `--loss full`; a real model with `--loss topk` (k = 64, with the tail
 bucket; the teacher's top 64 take 768 bytes per token of a rank's rollout batch, fp32 log-probs and int64
 ids): from the tiny default's able student `--loss topk` taught about as the exact loss did, while `--loss pg`
-collapsed at the tiny rate and stalled at a fifth of it (README).
+collapsed at the tiny rate and stalled at a fifth of it (docs/mopd.md).
 
     python mopd.py                                          # embedded tiny default: 3 games, 3 same-origin experts
     python mopd.py --route simonsays                        # ablation: simonsays' teacher scores every domain
@@ -328,7 +328,7 @@ def topk_reverse_kl(at_s: torch.Tensor, topk_t: torch.Tensor, tail: bool = False
         return torch.cat([logp, torch.log((-torch.expm1(logp.logsumexp(-1))).clamp(min=1e-6)).unsqueeze(-1)], -1)
     # ALGO LOGIC: without the tail bucket the gradient raises every token outside the teacher's top-k whenever
     # the student's top-k terms are above their teacher's (d/dz_j = -p_s(j) * sum_v p_s(v) log(p_s(v)/p_t(v))
-    # for j outside); with a near one-hot teacher the student's mass drifts there (README, mopd.py's losses).
+    # for j outside); with a near one-hot teacher the student's mass drifts there (docs/mopd.md).
     if tail:
         at_s, topk_t = with_tail(at_s), with_tail(topk_t)
     p_s, p_t = at_s.exp(), topk_t.exp()

@@ -104,7 +104,7 @@ class Args:
     """tokens an episode may hold; a turn that would not fit ends the episode as truncated (auto: 2048 tiny,
     16384 real)"""
     temperature: float = 1.0
-    """sampling temperature of the student's training rollouts; other than 1 only with --student-loss full"""
+    """sampling temperature of the student's training rollouts; other than 1 only with --student-loss full or topk"""
     cache_turns: bool = True
     """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster;
     the memory grows with episodes x tokens; turn off if rollouts run out of memory)"""
@@ -118,7 +118,7 @@ class Args:
     """AdamW learning rate of phase 1 (auto: 2e-3 tiny, 1e-6 real)"""
     phase2_learning_rate: float | None = None
     """AdamW learning rate of phase 2 (auto: 5e-4 tiny, --learning-rate real): the same optimizer, its rate
-    changed at the switch (the tiny default's on-policy steps, one episode each, are noisier than the experts'
+    changed at the switch (the tiny default's on-policy steps, one episode of each task, are noisier than the experts'
     tokens)"""
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     """learning rate after warmup: constant, or decaying to 0 at the end (of both phases)"""
@@ -164,7 +164,7 @@ class Args:
     student_loss: Literal["sampled", "topk", "full"] | None = None
     """phase 2: `sampled` = the paper's sampled-token reverse KL; `topk` = the reverse KL over the expert's top
     --topk tokens and one bucket for the rest (scales to a 151k vocabulary; it taught where `sampled` did not,
-    README); `full` = the exact reverse KL over the vocabulary (auto: full tiny, topk real)"""
+    docs/guided_opd.md); `full` = the exact reverse KL over the vocabulary (auto: full tiny, topk real)"""
     topk: int = 64
     """topk: the expert's k most likely tokens at each position"""
     teacher_loss: Literal["ce", "full"] | None = None
@@ -507,7 +507,7 @@ def check_args(args: Args) -> None:
         raise SystemExit("error: --expert-episodes must be at least 1 with a phase 1 (or pass --phase1-iterations 0)")
     if args.temperature != 1 and args.student_loss == "sampled":
         raise SystemExit("error: --temperature must be 1 with the sampled reverse KL (its log-probs are of the "
-                         "untempered models); sample at another temperature only with --student-loss full")
+                         "untempered models); sample at another temperature only with --student-loss full or topk")
     if args.expert_temperature < 0 or min(args.adv_clip, args.ratio_clip, args.ratio_max) < 0 or args.topk < 1:
         raise SystemExit("error: --expert-temperature must be 0 (greedy) or more, --adv-clip, --ratio-clip and "
                          "--ratio-max 0 (off) or positive, --topk at least 1")

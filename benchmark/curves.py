@@ -8,7 +8,7 @@ every later panel as the reference. No plotting library is needed (a figure is t
 tests draw it).
 
     python benchmark/curves.py --groups "Guided-OPD=runs/guided/*" "vanilla OPD=runs/vanilla/*" \\
-        --tag eval/success_rate --out benchmark/figures/guided_opd.svg
+        --tag eval/success_rate --out runs/guided_opd.svg
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Runs guided_opd.py twice with the same seed and length: undisturbed, and with the TextWorld-Express JVM of the
 run killed (SIGKILL) every --kill-every iterations while the rollout talks to it (a JVM under the run's process
 that used the CPU in the last 0.3 s, found in /proc). Every game in it is lost; each env's next call starts a new
-JVM (the first to notice; the others join it) and replays its episode there (envs/base.py, JavaEnv; README
-"Faults"), so nothing should be dropped and the two runs should end alike. Prints, per run: iterations
+JVM (the first to notice; the others join it) and replays its episode there (envs/base.py, JavaEnv;
+docs/faults.md), so nothing should be dropped and the two runs should end alike. Prints, per run: iterations
 completed, JVMs killed, episodes dropped in training (charts/env_failures) and in evaluation (eval/env_failures),
 the final held-out success and the wall time.
 

@@ -1,20 +1,22 @@
-"""Rerun one paper's comparison, every arm on every seed, and write the table and figure the README shows.
+"""Rerun one paper's comparison, every arm on every seed, and write the table and figure its page shows.
 
-A paper is a list of arms, an arm a script with its flags (the README's results sections); each arm runs once
+A paper is a list of arms, an arm a script with its flags (the results sections of docs/<method>.md); each arm runs once
 per seed, one process per run, and the tensorboard logs give a markdown table (per arm: the metric before
 training, at the end per seed, its mean ± std, min and max, the best after training began, the wall time of a
-run) and an SVG figure (mean over seeds against the iteration, with a min-max band, drawn by curves.py).
+run) and an SVG figure (a panel per arm: the mean over seeds against the iteration, with a min-max band, drawn
+by curves.py).
 
-    python benchmark/reproduce.py guided_opd   # Guided-OPD against vanilla OPD
+    python benchmark/reproduce.py guided_opd   # Guided-OPD against vanilla OPD (exact and real-model losses)
     python benchmark/reproduce.py novice       # the same with the format-only student (--student tiny-novice)
+    python benchmark/reproduce.py sampled      # vanilla OPD's sampled-token loss: with the ratio, without, one step
     python benchmark/reproduce.py mopd         # MOPD, one teacher for all, off-policy on the pooled teachers'
                                                # data (two_phase.py), MOPD with --loss pg and with --loss topk
-    python benchmark/reproduce.py atod         # ATOD, OPD, GRPO (also at a tenth of the learning rate), no annealing,
-                                               # no T-DUR; the teacher as a line
+    python benchmark/reproduce.py atod         # ATOD, its previous default, OPD (w = 1 and T-DUR), GRPO, no annealing,
+                                               # no T-DUR, the real-model losses; the teacher as a line
     python benchmark/reproduce.py two_phase    # two-phase, off-policy only (at one rate, and with the default's
                                                # drop), on-policy only (same total iterations)
 
-    python benchmark/reproduce.py atod --seeds 1 2 3 --jobs 2 --arms ATOD OPD   # 3 seeds, two runs at a time
+    python benchmark/reproduce.py atod --seeds 1 2 3 --jobs 2 --arms ATOD "OPD (w = 1)"   # 3 seeds, 2 at a time
     python benchmark/reproduce.py mopd --dry-run                                 # print the commands only
     python benchmark/reproduce.py guided_opd --seeds 1 2 --iterations 2 \\
         --extra --eval-interval 1 --eval-episodes 4 --num-envs 4 --num-minibatches 2   # a quick smoke check

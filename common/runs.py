@@ -5,7 +5,7 @@ generates.
 The scripts log to tensorboard under `runs/<run_name>` (mirrored to Weights and Biases with `--track`);
 steps count completed iterations, and step 0 holds the evaluations before training.
 
-Faults (README, "Faults"): an episode whose env raised is dropped from its batch and counted (`Run.drop_failed`,
+Faults (docs/faults.md): an episode whose env raised is dropped from its batch and counted (`Run.drop_failed`,
 `evaluate`); too many in one iteration, or SIGTERM / SIGINT, stop the run at an iteration boundary with a
 checkpoint and the command that resumes it (`Run`).
 """
@@ -356,7 +356,7 @@ def gathered(*models):
     them again at its next forward, as `fully_shard` set it up). The numbers are those of hooked passes: the
     hooks only gather, free and cast floating-point inputs, and generation's inputs are integers and caches.
     Gathering once instead of per token is about 2x faster here, and dropping the hooks saves another 10-20% of
-    a decoding step of the tiny student (README, "Where the time goes"). No gradients inside: nothing would
+    a decoding step of the tiny student (docs/performance.md). No gradients inside: nothing would
     reduce them, so the block runs under `torch.no_grad()`."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 

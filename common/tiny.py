@@ -7,7 +7,7 @@ recipe in common/tiny_build.py and shipped in `common/tiny_models/` (Hugging Fac
 with `manifest.json`: each model's recipe key, its files' SHA-256, the torch version that built it and its
 held-out success per game. A model's weights depend on the CPU's float kernels that trained it (a skill that
 arrives as a jump lands at another step), so shipping the files is what makes every machine run the same models
-and get the numbers of the README.
+and get the numbers of the docs/ pages.
 
 This module only resolves names to those folders, checking each file against the manifest:
 

@@ -49,7 +49,7 @@ import envs
 from common.episode import STUDENT, Episode, TurnCache, collate, end_of_turn_id, generate_replies, pack_by_tokens
 
 # The games of the embedded default with their expert's optimizer steps and learning rate, chosen by
-# measurement (held-out success of the tiny expert >= 90%; the README has the table). Coin is played
+# measurement (held-out success of the tiny expert >= 90%; docs/tiny_default.md has the table). Coin is played
 # with 4 rooms and no doors: with doors the same expert reached 63% (1,500 steps) and 79% (2,200).
 # Tiny experts are fragile: learning comes as a sudden jump, and the same recipe with another
 # initialisation seed gave peckingorder 0% or 100% after 1,500 steps; coin fell from 97% (1,000 steps)
@@ -123,7 +123,7 @@ class Recipe:
     # The able student: the novice given supervised steps on oracle episodes (`able_episodes` train seeds per
     # game), round-robin over the games in the mix; every `able_val_every` steps every game is validated on
     # `able_val_episodes` seeds, and is in the mix while its success is below `able_target`. The build stops
-    # when all games are at the target together, or after `able_steps`. Chosen by measurement (README).
+    # when all games are at the target together, or after `able_steps`. Chosen by measurement (docs/tiny_default.md).
     able_episodes: int = 200
     able_steps: int = 3000
     able_lr: float = 5e-4
