@@ -78,7 +78,8 @@ def cell(path: str, arm: str, column: str, root: str) -> str:
     for row in rows[2:]:
         if row[0] == arm:
             return row[j]
-    raise SystemExit(f"error: {path}'s table has no row {arm!r}")
+    raise SystemExit(f"error: a page quotes the row {arm!r} of {path}, which has no such row: write the table with that "
+                     "arm (benchmark/reproduce.py without --arms), or change the quote")
 
 
 def quoted(text: str, page: str, root: str = ROOT) -> str:
