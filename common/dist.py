@@ -22,7 +22,7 @@ _DEVICE = torch.device("cpu")  # where the reduction tensors live: the rank's GP
 # Running out of GPU memory ends a run with one line that names what to lower, found from the function the
 # allocation failed in (the outermost of these on the stack), instead of a CUDA traceback.
 OUT_OF_MEMORY_HINTS = (
-    ("rollout", "rollouts: lower --num-envs or --max-seq-len, or turn off --cache-turns"),
+    ("rollout", "rollouts: lower --num-envs, --rollout-chunk or --max-seq-len, or use --rollout-gather layers or --no-cache-turns"),
     ("score_teacher", "teacher scoring: lower --micro-batch-tokens"),
     ("train_step", "the training step: lower --micro-batch-tokens or turn on --activation-checkpointing"),
 )

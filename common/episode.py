@@ -433,7 +433,8 @@ def _generate_in_place(model, tokenizer, prompts: list[list[int]], slots: list[_
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                      top_p: float = 1.0, generator: torch.Generator | None = None,
-                     caches: list[TurnCache] | list[_Slot] | None = None, check_every: int = 1) -> list[list[int]]:
+                     caches: list[TurnCache] | list[_Slot] | None = None, check_every: int = 1,
+                     chunk: int = 0) -> list[list[int]]:
     """Sample one turn for each prompt (a list of token ids), batched with left padding.
 
     Returns each reply's new tokens up to and including the first `<|im_end|>` (or `max_new_tokens`
@@ -454,7 +455,27 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     `generator` may be a list with one generator per prompt: the prompts that share one are a group, sampled
     together with it at every step, so that each group's replies are those of a call with only its prompts
     and that generator (without a BatchCache), up to float rounding; a group's generator may advance further
-    (the steps after its replies ended). One batched call instead of one per group."""
+    (the steps after its replies ended). One batched call instead of one per group.
+
+    `chunk`: decode at most this many prompts at once (0 = all), one call after another, so that the batched
+    key/value cache and the logits of a call hold `chunk` episodes, not the whole batch (the memory plan's
+    --rollout-chunk). Every rank runs as many calls (FSDP); a rank short of prompts joins with empty ones."""
+    if model.training:  # generation runs the model in eval mode: with activation checkpointing on, transformers
+        try:            # turns the cache off in training mode
+            return generate_replies(model.eval(), tokenizer, prompts, max_new_tokens, temperature, top_p, generator,
+                                    caches, check_every, chunk)
+        finally:
+            model.train()
+    if chunk and not (caches and isinstance(caches[0], _Slot)):
+        calls = all_max(-(-len(prompts) // chunk))
+        if calls > 1:
+            out = []
+            for c in range(calls):
+                part = slice(c * chunk, (c + 1) * chunk)
+                out += generate_replies(model, tokenizer, prompts[part], max_new_tokens, temperature, top_p,
+                                        generator[part] if isinstance(generator, list) else generator,
+                                        caches[part] if caches is not None else None, check_every)
+            return out
     if isinstance(generator, list):  # one per prompt: the rows of each distinct generator form a group
         rows = [s.row for s in caches] if caches and isinstance(caches[0], _Slot) else range(len(prompts))
         groups = {}

@@ -169,24 +169,28 @@ def student_name(name: str, env: str) -> str:
     return name
 
 
-def teacher_name(name: str | None, student: str, env: str, real_default: str) -> str:
+def teacher_name(name: str | None, student: str, env: str, real_default: str = "") -> str:
     """The teacher of a run: `tiny-expert` is `env`'s tiny expert; None is that for a tiny student and
-    `real_default` for a real one (a tiny teacher could never share a real student's vocabulary)."""
+    `real_default` for a real one ("": none; a tiny teacher could never share a real student's vocabulary)."""
     if name == "tiny-expert" or (name is None and is_tiny(student)):
+        import envs
         from common import tiny
 
         try:
+            envs.check(env)  # an unknown env says so, rather than that it has no tiny expert
             return tiny.expert_for(env)
-        except ValueError as e:
+        except (envs.EnvError, ValueError) as e:
             raise ModelError(str(e)) from None
     return name if name is not None else real_default
 
 
-def fill_defaults(args, tiny: dict, real: dict, losses: tuple[str, ...] = ()) -> None:
+def fill_defaults(args, tiny: dict, real: dict, losses: tuple[str, ...] = (), required: tuple[str, ...] = ()) -> None:
     """Give every argument left at None ("auto") its value for the kind of student the run trains: the
     tiny embedded default's, or a real model's. The two tables live in each script, next to its Args. With
     `--real-losses` (a tiny student), the keys named in `losses` take the real model's values: the losses a
-    real run trains with, seen teaching on a CPU; everything else (the learning rate too) stays tiny."""
+    real run trains with, seen teaching on a CPU; everything else (the learning rate too) stays tiny.
+    A real student has no default for the arguments named in `required` (its teacher, its environment): one
+    left unset is a one-line error, not the tiny default's game or an untrained model."""
     if getattr(args, "real_losses", False):
         if not is_tiny(args.student):
             raise SystemExit("error: --real-losses gives a tiny student the real-model losses; a real student has them "
@@ -195,23 +199,56 @@ def fill_defaults(args, tiny: dict, real: dict, losses: tuple[str, ...] = ()) ->
     for key, value in (tiny if is_tiny(args.student) else real).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    missing = [key for key in required if getattr(args, key) is None]
+    if missing and not is_tiny(args.student):
+        flags = " and ".join("--" + key.replace("_", "-") for key in missing)
+        raise SystemExit(f"error: a real student ({args.student}) needs {flags}: the tiny default's teachers and games "
+                         "are for tiny students (docs/real_models.md lists what to pass)")
+
+
+def _meta_model(name: str, dtype: torch.dtype):
+    """A model of `name`'s architecture on the meta device: no memory; its weights come from rank 0 (fill_from_rank0)."""
+    from transformers import AutoModelForCausalLM
+
+    from common.memory import load_config
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(load_config(name), dtype=dtype)
 
 
 def load_student_and_teachers(student: str, teachers: list[str], device, max_seq_len: int):
     """(student, tokenizer, teacher models in the order of `teachers`): the student trainable (fp32), each
-    distinct teacher loaded once, frozen, on `device`. One-line errors (SystemExit) for a name that cannot be
-    loaded, a teacher whose vocabulary differs from the student's, or a --max-seq-len beyond the student's
-    positions."""
+    distinct teacher loaded once and frozen (bf16 on a GPU, fp32 on a CPU). With one rank they are loaded onto
+    `device`. With several, a model is read from disk once, by rank 0, into its CPU memory; the other ranks build
+    it on the meta device (no memory), and each script's `shard` fills every rank's shards from rank 0
+    (`fill_from_rank0`): a host holds one copy of each model, never one per rank, and a GPU never holds a whole
+    teacher. One-line errors (SystemExit) for a name that cannot be loaded, a teacher whose vocabulary differs
+    from the student's, or a --max-seq-len beyond the student's positions."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    on_meta = world > 1 and dist.get_rank() != 0
+    frozen = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     try:
         tiny_names = [name for name in [student, *teachers] if is_tiny(name)]
         if tiny_names:  # checks the shipped files (under the tests' smoke recipe: builds what is missing, side by side)
             from common import tiny
 
             tiny.prepare(tiny_names)
-        model, tokenizer = load_model(student, trainable=True)
+        if on_meta:
+            from transformers import AutoTokenizer
+
+            path = resolve(student)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=os.path.isdir(path))
+            model = _meta_model(student, torch.float32).train()
+        else:
+            model, tokenizer = load_model(student, trainable=True)
         loaded = {}
         for name in dict.fromkeys(teachers):
-            loaded[name] = load_model(name, device=device)
+            if on_meta:
+                loaded[name] = (_meta_model(name, frozen).eval().requires_grad_(False), None)
+            else:
+                loaded[name] = load_model(name, dtype=frozen, device=device if world == 1 else None)
             check_vocab((model, tokenizer), loaded[name], (student, name))
     except (ModelError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -219,3 +256,19 @@ def load_student_and_teachers(student: str, teachers: list[str], device, max_seq
         raise SystemExit(f"error: --max-seq-len {max_seq_len} exceeds the student's "
                          f"{model.config.max_position_embeddings} positions: lower --max-seq-len")
     return model, tokenizer, [loaded[name][0] for name in teachers]
+
+
+def fill_from_rank0(model, weights: dict, device) -> None:
+    """After `fully_shard` on every rank (rank 0 holding the loaded weights, the others a meta model): give every
+    rank's shards their values from rank 0's `weights` (its full state dict, in CPU memory), one tensor at a time,
+    on `device`. The non-persistent buffers (the rotary embedding's inverse frequencies), which no state dict
+    holds, are rebuilt from the config: left as they are after `to_empty`, the logits would be silently wrong."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "config"):
+            fresh = type(module)(module.config)
+            for name, buffer in fresh.named_buffers(recurse=False):
+                setattr(module, name, buffer.to(device))

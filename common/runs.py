@@ -46,8 +46,8 @@ def check_rollout_args(args) -> None:
         fail(f"--max-new-tokens must be at least 1 and below --max-seq-len ({args.max_seq_len})")
     if args.max_turns < 0 or args.micro_batch_tokens < 1 or args.eval_episodes < 1:
         fail("--max-turns must be 0 (the env's default) or more; --micro-batch-tokens and --eval-episodes at least 1")
-    if args.eval_batch < 0:
-        fail("--eval-batch must be 0 (auto) or more")
+    if args.eval_batch < 0 or args.rollout_chunk < 0:
+        fail("--eval-batch and --rollout-chunk must be 0 (auto) or more")
     if args.temperature < 0 or args.eval_temperature < 0:
         fail("--temperature and --eval-temperature must be 0 (greedy) or more")
     if not 0 <= args.max_env_failures <= 1:
@@ -101,8 +101,9 @@ class Run:
     checkpoint and the command that resumes it, and exits with 128 + the signal (143, 130); a second signal
     exits at once. Resumed, it ends as the run never stopped would have."""
 
-    def __init__(self, args, label: str, student, tokenizer, optimizer, generators: dict, device, about: str):
+    def __init__(self, args, label: str, student, tokenizer, optimizer, generators: dict, device, about: str, plan=None):
         self.args, self.student, self.tokenizer, self.optimizer, self.generators = args, student, tokenizer, optimizer, generators
+        self.plan = plan  # the run's memory plan (common/memory.py): its peak is logged beside the measured one
         self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), device
         self.start, self.name, self.extra = 0, run_name(label, args.exp_name, args.seed), {}
         if args.resume:
@@ -139,9 +140,17 @@ class Run:
         """The same on several tasks in one batch (`evaluate_tasks` below): `play(envs, seeds, tasks, sampler)`;
         the rates and episodes by task."""
         sampler = torch.Generator(device=self.device).manual_seed(self.args.seed + 12345 + self.rank)
-        with gathered(model):
+        with gathered(*self.gather(model)):
             return evaluate_tasks(lambda envs, seeds, tasks: play(envs, seeds, tasks, sampler), pools,
                                   self.args.eval_episodes, self.rank, self.world)
+
+    def gather(self, student=None, *teachers) -> list:
+        """The models a rollout gathers whole (`gathered`), by --rollout-gather: every one (`whole`), the student only
+        (`student`), none (`layers`: FSDP gathers one layer at a time in each forward pass). `student` is the run's
+        student or None; any other model counts as a teacher."""
+        mode = getattr(self.args, "rollout_gather", "whole")
+        models = [m for m in (student, *teachers) if m is not None]
+        return [m for m in models if mode == "whole" or (mode == "student" and m is self.student)]
 
     def due(self, completed: int, interval: int) -> bool:
         """An evaluation or a checkpoint after `completed` iterations: every `interval`, and at the end."""
@@ -172,6 +181,7 @@ class Run:
         log_scalars(self.writer, "losses", {**losses, "grad_norm": train["grad_norm"], "skipped_steps": train["skipped_steps"]}, step)
         log_scalars(self.writer, "schedule", schedule or {}, step)
         log_scalars(self.writer, "time", dict(zip(("rollout", "teacher", "train"), times)), step)
+        log_scalars(self.writer, "memory", self.memory(), step)
         print(f"iter {step - 1:4d}  success {rates['success_rate']:.2f}  turns {rates['episode_turns']:5.1f}  {words}  "
               f"loss {losses['loss']:.4f}  grad {train['grad_norm']:.2f}"
               + (f"  ({train['skipped_steps']} non-finite steps skipped)" if train["skipped_steps"] else "")
@@ -250,10 +260,19 @@ class Run:
                     if "TORCHELASTIC_RUN_ID" in os.environ else ["python"])
         return shlex.join(launcher + [sys.argv[0], *argv, "--resume", self.dir])
 
+    def memory(self) -> dict[str, float]:
+        """This rank's measured peak memory so far and the plan's, in GiB (memory/*)."""
+        from common.memory import GiB, peak_bytes
+
+        return {"peak_gib": peak_bytes(self.device) / GiB, **({"plan_gib": self.plan.peak / GiB} if self.plan else {})}
+
     def finish(self, envs_to_close) -> None:
         """The final save: the full student on rank 0 in Hugging Face format (AutoModelForCausalLM loads it);
-        then the envs closed and the process group left."""
+        then each rank's peak memory against the plan (one line each), the envs closed and the process group left."""
         checkpoint.save_final(self.student, self.tokenizer, os.path.join(self.dir, "final"))
+        mem = self.memory()
+        if "plan_gib" in mem:
+            print(f"rank {self.rank}: peak memory {mem['peak_gib']:.2f} GiB, plan {mem['plan_gib']:.2f} GiB", flush=True)
         if self.writer is not None:
             self.writer.close()
             print(f"saved the student to {os.path.join(self.dir, 'final')}")

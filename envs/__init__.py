@@ -60,10 +60,9 @@ def missing(family: str) -> str | None:
     return None
 
 
-def make(spec: str, seed: int = 0, split: str = "train", **kwargs) -> TextEnv:
-    """Build the environment named by `spec`. `seed` seeds the wrapper's own random draws (which game
-    `reset(seed)` plays does not depend on it; envs/base.py says what does); `kwargs` go to the family's
-    `make_env` (e.g. a conversational env's simulated user)."""
+def check(spec: str):
+    """(family, name, params, module) of a spec whose family and game exist, else a one-line EnvError; no env is
+    made (a run's plan checks names before anything starts)."""
     family, _, rest = spec.partition(":")
     name, _, params = rest.partition(":")
     if family not in FAMILIES:
@@ -72,6 +71,14 @@ def make(spec: str, seed: int = 0, split: str = "train", **kwargs) -> TextEnv:
     names = getattr(module, "NAMES", ())
     if names and name not in names:
         raise EnvError(f"unknown env {spec!r}; known: {', '.join(f'{family}:{n}' for n in names)}")
+    return family, name, params, module
+
+
+def make(spec: str, seed: int = 0, split: str = "train", **kwargs) -> TextEnv:
+    """Build the environment named by `spec`. `seed` seeds the wrapper's own random draws (which game
+    `reset(seed)` plays does not depend on it; envs/base.py says what does); `kwargs` go to the family's
+    `make_env` (e.g. a conversational env's simulated user)."""
+    family, name, params, module = check(spec)
     try:
         inspect.signature(module.make_env).bind(name, params, split, int(seed), **kwargs)
     except TypeError:

@@ -33,10 +33,11 @@ def _model_that_sometimes_stops(vocab: int, eot: int):
     return model
 
 
-@pytest.mark.parametrize("kind", ["episode", "batch", "batch-check-every-4"])
+@pytest.mark.parametrize("kind", ["episode", "batch", "batch-check-every-4", "episode-chunks-of-2"])
 def test_cached_turns_equal_uncached_turns(kind):
     """Per-episode caches (TurnCache) and the fast path's BatchCache (small headroom, so that its rows are
-    compacted into new buffers several times; an ended episode's row freed) against no cache at all."""
+    compacted into new buffers several times; an ended episode's row freed) against no cache at all; and the
+    batch decoded two episodes at a time (`chunk`, the memory plan's --rollout-chunk), each reply its own."""
     tok = AutoTokenizer.from_pretrained(tiny.model_path("tokenizer"))
     eot = end_of_turn_id(tok)
     model = _model_that_sometimes_stops(len(tok), eot)
@@ -44,7 +45,8 @@ def test_cached_turns_equal_uncached_turns(kind):
     words = ["you", "see", "a", "coin", "door", "north", "kitchen", "take", "the", "open"]
     episodes = [Episode.start(tok, "Play the game.", " ".join(rng.choices(words, k=rng.randint(2, 30))))
                 for _ in range(5)]
-    caches = [TurnCache() for _ in episodes] if kind == "episode" else BatchCache(len(episodes), headroom=1.05)
+    caches = [TurnCache() for _ in episodes] if kind.startswith("episode") else BatchCache(len(episodes), headroom=1.05)
+    chunk = 2 if kind == "episode-chunks-of-2" else 0
     check_every = 4 if kind == "batch-check-every-4" else 1
     ended, lengths, closed, capacities = set(), [], 0, set()
     for turn in range(6):
@@ -52,7 +54,8 @@ def test_cached_turns_equal_uncached_turns(kind):
         who = [i for i in live if rng.random() < 0.7]  # the others' turns are written by "another model"
         prompts = [episodes[i].ids for i in who]
         plain = generate_replies(model, tok, prompts, 6, 0.0)
-        cached = generate_replies(model, tok, prompts, 6, 0.0, caches=[caches[i] for i in who], check_every=check_every)
+        cached = generate_replies(model, tok, prompts, 6, 0.0, caches=[caches[i] for i in who], check_every=check_every,
+                                  chunk=chunk)
         assert cached == plain
         capacities.add(getattr(caches, "capacity", None))
         for i, reply in zip(who, cached):
@@ -69,7 +72,7 @@ def test_cached_turns_equal_uncached_turns(kind):
             ended.add(1)  # an ended episode's cache is not used again (a BatchCache row is freed)
             caches[1] = None
     assert len(set(lengths)) > 2 and 0 < closed < len(lengths)  # replies of several lengths, some cut
-    if kind == "episode":  # the caches hold keys and values for exactly the tokens they have seen, no padding
+    if kind.startswith("episode"):  # the caches hold keys and values for exactly the tokens they have seen, no padding
         for c in filter(None, caches):
             assert all(k.shape[2] == c.n and v.shape[2] == c.n for k, v in c.layers)
     else:  # the rows were moved into larger buffers several times; each row's count = its real columns
