@@ -15,19 +15,15 @@ groups of G episodes of the same task (temperature 1); the outcome reward r is t
   0.9 p), rho = 1 + p; in PPO's clipped surrogate (ratio to pi_old), a token mean per trajectory, then the mean
   over trajectories; no KL penalty.
 
-Open choices, as flags: --renormalize-weights (on: each trajectory's T-DUR weights scaled to mean 1, so that the
-OPD term keeps plain OPD's scale; as written, `--no-renormalize-weights`, the mean weight is about 0.07 and the
-least informative turn gets 0); --weighting token (the per-token ablation) or none (w = 1, the paper's OPD
-baseline with --mode opd); --anneal-iterations (the paper's 80 of 150; auto: the same fraction of
---total-iterations); --clip-eps 0.2; --update-epochs and --num-minibatches (each step holds whole groups,
-shuffled anew each epoch from --seed and the iteration: GRPO's advantages sum to 0 within a group);
---lr-schedule (the paper gives none: the tiny default's is cosine); --reward success (the paper's) or score;
---opd-loss: the paper's sampled advantage inside the surrogate (`sampled`), or the reverse KL per token weighted
-by kappa w_k beside the surrogate, exact (`full`, the tiny default's: cheap with a 1.5k vocabulary) or over the
-teacher's top 64 tokens and a tail bucket (`topk`, the real-model default: the sampled form did not teach the
-tiny student in guided_opd.py, the top-k form did); `--real-losses` runs a tiny student with the real-model one.
---term-grad-norms logs the gradient norm of each term on an iteration's first step (docs/atod.md: the two
-terms' scales). Baselines and ablations: --mode opd (rho = 0), grpo (kappa = 0), constant (kappa = rho = 1).
+Open choices, as flags (their help says more): --renormalize-weights (on: T-DUR weights scaled to mean 1 per
+trajectory, plain OPD's scale; as written the mean is about 0.07), --weighting token or none (w = 1, the paper's
+OPD baseline with --mode opd), --anneal-iterations (the paper's 80 of 150), --clip-eps 0.2, --update-epochs and
+--num-minibatches (steps of whole groups, shuffled anew each epoch), --lr-schedule (the paper gives none),
+--reward success (the paper's) or score; --opd-loss: the paper's sampled advantage inside the surrogate
+(`sampled`), or the reverse KL per token weighted by kappa w_k beside it, exact (`full`, tiny: a 1.5k vocabulary)
+or over the teacher's top 64 tokens and a tail bucket (`topk`, real: the sampled form did not teach the tiny
+student in guided_opd.py, the top-k form did); --real-losses; --term-grad-norms (docs/atod.md: the terms' scales).
+Baselines and ablations: --mode opd (rho = 0), grpo (kappa = 0), constant (kappa = rho = 1).
 Groups are never split across ranks: each rank plays whole groups, so advantages are computed locally. A
 mini-batch without any signal (every advantage and KL weight 0: GRPO on groups of equal rewards) takes no step.
 Arguments left at None are "auto" (the TINY and REAL tables below the Args).
@@ -35,7 +31,7 @@ Arguments left at None are "auto" (the TINY and REAL tables below the Args).
     python atod.py                                    # tiny default: peckingorder, an imperfect teacher (0.77)
     python atod.py --mode opd                         # OPD only; --mode grpo: GRPO only
     torchrun --nproc_per_node 8 atod.py --student qwen3-1.7b --teacher <your GRPO-trained qwen3-4b> \\
-        --env alfworld --max-turns 50 --total-iterations 150
+        --env alfworld --max-turns 50                 # the paper's 150 iterations; add --plan to see its memory first
 """
 
 from __future__ import annotations
@@ -54,7 +50,8 @@ import envs
 from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, Episode, TurnCache, collate, end_of_turn_id, episode_sums, generate_replies,
                             pack_by_tokens, start_episodes, step_envs)
-from common.models import ModelError, fill_defaults, is_tiny, load_student_and_teachers, student_name, teacher_name
+from common.memory import plan_run
+from common.models import ModelError, fill_defaults, fill_from_rank0, is_tiny, load_student_and_teachers, student_name, teacher_name
 from common.runs import Run, check_rollout_args, eval_batch, gathered, minibatch_plan, seed_everything
 from common.teacher import score_teacher, token_logprobs
 from common.user import env_user
@@ -82,9 +79,10 @@ class Args:
     teacher: str | None = None
     """the teacher (frozen; the paper's are GRPO-trained). Auto: for a tiny student, tiny-expert:peckingorder-imperfect
     on the default env (an imperfect teacher: the student fine-tuned briefly on the game's oracle episodes) and --env's
-    tiny expert elsewhere; qwen3-8b for a real one"""
-    env: str = "twx:peckingorder"
-    """environment spec, e.g. twx:simonsays, scienceworld:boil, alfworld (see envs/)"""
+    tiny expert elsewhere; a real student needs one"""
+    env: str | None = None
+    """environment spec, e.g. twx:simonsays, scienceworld:boil, alfworld (see envs/); auto: twx:peckingorder for a
+    tiny student, a real one needs it"""
     thinking: bool = False
     """Qwen3 thinking mode in the chat template (the tiny models do not think)"""
     user_model: str | None = None
@@ -104,12 +102,19 @@ class Args:
     temperature: float = 1.0
     """sampling temperature of training rollouts (the paper's 1; the losses use the untempered log-probs)"""
     cache_turns: bool = True
-    """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster;
-    the memory grows with episodes x tokens; turn off if rollouts run out of memory)"""
+    """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster; the memory
+    grows with episodes x tokens); on unless the memory plan needs it off; --no-cache-turns: always off"""
+    rollout_chunk: int = 0
+    """episodes decoded at once, a rollout's batch in chunks (bounds the batched caches and logits); 0 = auto: all,
+    or fewer where the memory plan needs it"""
+    rollout_gather: Literal["auto", "whole", "student", "layers"] = "auto"
+    """how rollouts hold the sharded models: gathered whole (`whole`, fastest), the student whole and the teacher
+    (its evaluation) one layer at a time in each forward (`student`), every model by layer (`layers`, least memory);
+    auto: the fastest that the memory plan fits"""
 
     # Optimization
-    total_iterations: int = 30
-    """training iterations: one batch of rollouts and --update-epochs x --num-minibatches optimizer steps each"""
+    total_iterations: int | None = None
+    """iterations: a batch of rollouts and --update-epochs x --num-minibatches steps each (auto: 30 tiny, 150 real)"""
     learning_rate: float | None = None
     """AdamW learning rate (auto: 5e-4 tiny, 1e-6 real)"""
     lr_schedule: Literal["constant", "cosine", "linear"] | None = None
@@ -120,16 +125,21 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
-    num_minibatches: int = 4
-    """optimizer steps per epoch: the rollout batch is split into this many mini-batches of whole groups (GRPO's
-    advantages sum to 0 within a group: a step sees them all)"""
+    num_minibatches: int | None = None
+    """optimizer steps per epoch = mini-batches, each of whole groups (GRPO's advantages sum to 0 within a group), so
+    at most the global batch's groups (num_envs x world / group_size); auto: 4, or that many groups if fewer"""
     update_epochs: int = 1
     """passes over each rollout batch (PPO epochs)"""
     micro_batch_tokens: int | None = None
     """token budget of one forward/backward micro-batch, gradient accumulation within a mini-batch (auto:
     4096 tiny, 16384 real)"""
     activation_checkpointing: bool = False
-    """recompute decoder layers in backward to save memory (real models)"""
+    """recompute decoder layers in backward to save memory: always; without it, where the memory plan needs it"""
+    plan: bool = False
+    """print the memory plan (per-rank bytes for 1 to 8 ranks, from the models' configs) and exit: no weights loaded"""
+    device_memory: str = "auto"
+    """the memory a rank plans for: auto (this GPU's, or on a CPU the available memory over the host's ranks;
+    --plan on a machine without a GPU plans 80 GiB GPUs for a real student), or gpu:<GiB> / cpu:<GiB>"""
 
     # Evaluation and checkpoints
     eval_interval: int = 5
@@ -182,12 +192,15 @@ class Args:
 
 
 # "Auto" arguments (None above): the embedded tiny default's values, and a real model's.
-TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=5e-4, micro_batch_tokens=4096, opd_loss="full",
-            group_size=4, lr_schedule="cosine", term_grad_norms=True)
+# REAL's sources: the ATOD paper's rate (1e-6, constant), 150 iterations and groups of 8; 4 mini-batches as verl's
+# GRPO recipes (at most the global batch's groups: see --num-minibatches); the papers' lengths (512 tokens a turn).
+TINY = dict(env="twx:peckingorder", max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=5e-4,
+            micro_batch_tokens=4096, opd_loss="full", group_size=4, lr_schedule="cosine", term_grad_norms=True,
+            total_iterations=30, num_minibatches=4)
 REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
-            opd_loss="topk", group_size=8, lr_schedule="constant", term_grad_norms=False)
+            opd_loss="topk", group_size=8, lr_schedule="constant", term_grad_norms=False, total_iterations=150,
+            num_minibatches=4)
 REAL_LOSSES = ("opd_loss",)  # what --real-losses takes from REAL
-REAL_TEACHER = "qwen3-8b"
 TINY_TEACHER = "tiny-expert:peckingorder-imperfect"  # the default env's imperfect teacher (common/tiny_build.py MORE_EXPERTS)
 PAPER_ANNEAL_FRACTION = 80 / 150
 
@@ -198,12 +211,8 @@ PAPER_ANNEAL_FRACTION = 80 / 150
 def kappa_rho(iteration: int, args: Args) -> tuple[float, float]:
     """(kappa, rho) at `iteration` (0-based): p = min(s / S_anneal, 1), kappa = max(0.1, 1 - 0.9 p), rho = 1 + p;
     the baselines fix them."""
-    if args.mode == "opd":
-        return 1.0, 0.0
-    if args.mode == "grpo":
-        return 0.0, 1.0
-    if args.mode == "constant":
-        return 1.0, 1.0
+    if args.mode != "atod":
+        return {"opd": (1.0, 0.0), "grpo": (0.0, 1.0), "constant": (1.0, 1.0)}[args.mode]
     p = min(iteration / max(args.anneal_iterations, 1), 1.0)
     return max(0.1, 1.0 - 0.9 * p), 1.0 + p
 
@@ -246,7 +255,7 @@ def rollout(student, tokenizer, pool, seeds, args: Args, block_seeds: list[int],
         samplers = [torch.Generator(device=device).manual_seed(block_seed * 1009 + turn) for block_seed in block_seeds]
         outs = generate_replies(student, tokenizer, [episodes[i].ids for i in active], args.max_new_tokens, temperature,
                                 generator=[samplers[i // block] for i in active],
-                                caches=[caches[i] for i in active] if args.cache_turns else None)
+                                caches=[caches[i] for i in active] if args.cache_turns else None, chunk=args.rollout_chunk)
         replies = dict(zip(active, outs))
         texts = [tokenizer.decode(replies[i], skip_special_tokens=True) for i in active]
         steps = step_envs(pool, episodes, active, texts)
@@ -382,7 +391,10 @@ def shard(model, device, trainable: bool, activation_checkpointing: bool = False
     bf16 compute with fp32 reductions on GPU; fp32 on CPU (bf16 is about 10x slower there)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model.to(device)
+    one_rank = torch.distributed.get_world_size() == 1
+    weights = model.state_dict() if not one_rank and model.device.type != "meta" else {}  # rank 0's, loaded on its CPU
+    if one_rank:
+        model.to(device)
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
@@ -391,6 +403,8 @@ def shard(model, device, trainable: bool, activation_checkpointing: bool = False
     # A frozen teacher frees its gathered root parameters after each forward; the student keeps them
     # for its backward (FSDP2's default for the root).
     fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
+    if not one_rank:  # every rank's shards from rank 0's weights, one tensor at a time
+        fill_from_rank0(model, weights, device)
     return model
 
 
@@ -488,17 +502,32 @@ def check_args(args: Args) -> None:
 if __name__ == "__main__":
     # ---- INFRASTRUCTURE: arguments, process group, seeds, models, run folder (common/ holds the details) ----
     args = tyro.cli(Args)
-    fill_defaults(args, TINY, REAL, REAL_LOSSES)
+    auto_minibatches = args.num_minibatches is None
+    fill_defaults(args, TINY, REAL, REAL_LOSSES, required=("env", "teacher"))
+    most_minibatches = args.num_minibatches  # auto: at most the global batch's groups (after setup); a rank's until then
+    if auto_minibatches:
+        args.num_minibatches = min(most_minibatches, max(1, args.num_envs // max(args.group_size, 1)))
     if args.anneal_iterations is None:
         args.anneal_iterations = round(PAPER_ANNEAL_FRACTION * args.total_iterations)
     check_args(args)
     rank, world, device = setup()
+    groups = args.num_envs * world // args.group_size  # of the global batch: a mini-batch holds whole groups
+    if not auto_minibatches and args.num_minibatches > groups:
+        raise SystemExit(f"error: --num-minibatches {args.num_minibatches} is more than the {groups} groups of the global "
+                         "batch (num_envs x ranks / group_size): each mini-batch holds whole groups")
+    args.num_minibatches = min(most_minibatches, groups)
     try:
-        envs.make(args.env, seed=args.seed).close()  # a bad spec fails here, in one line
-        if args.teacher is None and is_tiny(args.student) and args.env == Args.env:
+        if args.teacher is None and is_tiny(args.student) and args.env == TINY["env"]:
             args.teacher = TINY_TEACHER
         args.student = student_name(args.student, args.env)
-        args.teacher = teacher_name(args.teacher, args.student, args.env, REAL_TEACHER)
+        args.teacher = teacher_name(args.teacher, args.student, args.env)
+    except (ModelError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    # The memory plan, from the configs alone (--plan prints it and exits); the teacher generates in its evaluation.
+    plan = plan_run(args, world, device, args.student, [args.teacher], [[STUDENT], [args.teacher]],
+                    topk=args.topk if args.opd_loss == "topk" else 0, full=args.opd_loss == "full")
+    try:
+        envs.make(args.env, seed=args.seed).close()  # a bad spec fails here, in one line
         user = env_user(args.user_model, args.env, device)  # {} or {"user": the customer model}
     except (envs.EnvError, ModelError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -513,7 +542,7 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay, foreach=True)
 
-    run = Run(args, args.env, student, tokenizer, optimizer, generators, device, f"teacher {args.teacher}, env {args.env}")
+    run = Run(args, args.env, student, tokenizer, optimizer, generators, device, f"teacher {args.teacher}, env {args.env}", plan)
     extra = run.extra  # {"best_success_rate": the best held-out success so far}, set at step 0
 
     # Environments are made once and reset for every episode (a TextWorld-Express env is a JVM process).
@@ -549,7 +578,7 @@ if __name__ == "__main__":
         t0 = time.time()
         tasks = [(iteration * world + rank) * groups_per_rank + k for k in range(groups_per_rank)]
         seeds = [task for task in tasks for _ in range(args.group_size)]
-        with gathered(student):
+        with gathered(*run.gather(student)):  # whole, or by layer (--rollout-gather)
             episodes = rollout(student, tokenizer, pool, seeds, args, [args.seed * 1_000_003 + task for task in tasks],
                                args.temperature, max_turns)
         for j, ep in enumerate(episodes):

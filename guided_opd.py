@@ -32,9 +32,8 @@ log-probs of the untempered models.
     python guided_opd.py                                   # embedded tiny default, CPU, minutes
     python guided_opd.py --beta-start 0                    # vanilla OPD, the baseline
     python guided_opd.py --beta-start 0 --real-losses      # vanilla OPD with the real-model losses, on a CPU
-    torchrun --nproc_per_node 8 guided_opd.py --student qwen3-1.7b                 # teacher qwen3-8b
     torchrun --nproc_per_node 8 guided_opd.py --student qwen3-1.7b --teacher qwen3-30b-a3b --env alfworld \
-        --max-turns 30 --num-envs 8
+        --max-turns 30 --num-envs 8                       # the run's memory plan is printed first (--plan: only it)
 """
 
 from __future__ import annotations
@@ -53,7 +52,8 @@ import envs
 from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, TEACHER, BatchCache, Episode, TurnCache, collate, end_of_turn_id, episode_sums,
                             generate_replies, pack_by_tokens, start_episodes, step_envs)
-from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
+from common.memory import plan_run
+from common.models import ModelError, fill_defaults, fill_from_rank0, load_student_and_teachers, student_name, teacher_name
 from common.runs import Run, check_rollout_args, eval_batch, gathered, minibatch_plan, seed_everything
 from common.teacher import score_teacher, token_logprobs
 from common.user import env_user
@@ -79,10 +79,10 @@ class Args:
     """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` (weak but able),
     `tiny-novice` or `tiny-small` (tiny students that share a tokenizer with --env's tiny expert)"""
     teacher: str | None = None
-    """the teacher (frozen). Auto: --env's tiny expert for a tiny student; qwen3-8b for a real one (the paper
-    used qwen3-30b-a3b; a dense 8B shards and generates faster in this loop: pass qwen3-30b-a3b for the paper's)"""
-    env: str = "twx:simonsays"
-    """environment spec, e.g. twx:coin, scienceworld:boil, alfworld (see envs/)"""
+    """the teacher (frozen): --env's tiny expert for a tiny student; a real student needs one (the paper's: qwen3-30b-a3b)"""
+    env: str | None = None
+    """environment spec, e.g. twx:coin, scienceworld:boil, alfworld (see envs/); auto: twx:simonsays for a tiny
+    student, a real one needs it"""
     thinking: bool = False
     """Qwen3 thinking mode in the chat template (the tiny models do not think)"""
     user_model: str | None = None
@@ -102,8 +102,15 @@ class Args:
     temperature: float = 1.0
     """sampling temperature of training rollouts; other than 1 only with --student-loss full or topk and --teacher-loss full or none"""
     cache_turns: bool = True
-    """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster;
-    the memory grows with episodes x tokens; turn off if rollouts run out of memory)"""
+    """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster; the memory
+    grows with episodes x tokens); on unless the memory plan needs it off; --no-cache-turns: always off"""
+    rollout_chunk: int = 0
+    """episodes decoded at once, a rollout's batch in chunks (bounds the batched caches and logits); 0 = auto: all,
+    or fewer where the memory plan needs it"""
+    rollout_gather: Literal["auto", "whole", "student", "layers"] = "auto"
+    """how rollouts hold the sharded models: gathered whole once (`whole`, fastest), the student whole and the
+    teacher one layer at a time in each forward (`student`), every model by layer (`layers`, least memory); auto:
+    the fastest that the memory plan fits"""
     batch_cache: bool = False
     """the fast path for GPUs: keep the batch's caches in preallocated buffers written in place (BatchCache in
     common/episode.py) and look for ended replies every 8 tokens instead of after each; the same replies"""
@@ -112,7 +119,7 @@ class Args:
     total_iterations: int = 100
     """training iterations: one batch of rollouts and --num-minibatches optimizer steps each"""
     learning_rate: float | None = None
-    """AdamW learning rate (auto: 1e-3 tiny, 1e-6 real)"""
+    """AdamW learning rate (auto: 1e-3 tiny, 2e-5 real)"""
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     """learning rate after warmup: constant, or decaying to 0 at the end"""
     warmup_iterations: int = 0
@@ -121,13 +128,19 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
-    num_minibatches: int = 8
-    """optimizer steps per iteration: the rollout batch is shuffled and split into this many mini-batches"""
+    num_minibatches: int | None = None
+    """optimizer steps per iteration: the rollout batch is shuffled and split into this many mini-batches (auto: 8
+    tiny; 1 real, one step per batch as tinker-cookbook's and TRL's on-policy distillation)"""
     micro_batch_tokens: int | None = None
     """token budget of one forward/backward micro-batch, gradient accumulation within a mini-batch (auto:
     4096 tiny, 16384 real)"""
     activation_checkpointing: bool = False
-    """recompute decoder layers in backward to save memory (real models)"""
+    """recompute decoder layers in backward to save memory: always; without it, where the memory plan needs it"""
+    plan: bool = False
+    """print the memory plan (per-rank bytes for 1 to 8 ranks, from the models' configs) and exit: no weights loaded"""
+    device_memory: str = "auto"
+    """the memory a rank plans for: auto (this GPU's, or on a CPU the available memory over the host's ranks;
+    --plan on a machine without a GPU plans 80 GiB GPUs for a real student), or gpu:<GiB> / cpu:<GiB>"""
 
     # Evaluation and checkpoints
     eval_interval: int = 20
@@ -186,12 +199,13 @@ class Args:
 
 
 # "Auto" arguments (None above): the embedded tiny default's values, and a real model's.
-TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=1e-3, micro_batch_tokens=4096,
-            student_loss="full", teacher_loss="full")
-REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
-            student_loss="topk", teacher_loss="ce")
+# REAL's sources (docs/real_models.md): the rate is NeMo-RL's for on-policy distillation of full models (2e-5); one
+# optimizer step per batch as tinker-cookbook and TRL; the lengths are the papers' (512 tokens a turn).
+TINY = dict(env="twx:simonsays", max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=1e-3,
+            micro_batch_tokens=4096, num_minibatches=8, student_loss="full", teacher_loss="full")
+REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=2e-5, micro_batch_tokens=16384,
+            num_minibatches=1, student_loss="topk", teacher_loss="ce")
 REAL_LOSSES = ("student_loss", "teacher_loss")  # what --real-losses takes from REAL
-REAL_TEACHER = "qwen3-8b"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,7 +266,7 @@ def rollout(student, teacher, tokenizer, pool, seeds, beta: float, args: Args, s
             outs = generate_replies(model, tokenizer, [episodes[i].ids for i in writers], args.max_new_tokens,
                                     temperature, generator=sampler,
                                     caches=[caches[role][i] for i in writers] if args.cache_turns else None,
-                                    check_every=8 if args.batch_cache else 1)
+                                    check_every=8 if args.batch_cache else 1, chunk=args.rollout_chunk)
             replies.update(zip(writers, outs))
         texts = [tokenizer.decode(replies[i], skip_special_tokens=True) for i in active]
         steps = step_envs(pool, episodes, active, texts)
@@ -396,7 +410,10 @@ def shard(model, device, trainable: bool, activation_checkpointing: bool = False
     bf16 compute with fp32 reductions on GPU; fp32 on CPU (bf16 is about 10x slower there)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model.to(device)
+    one_rank = torch.distributed.get_world_size() == 1
+    weights = model.state_dict() if not one_rank and model.device.type != "meta" else {}  # rank 0's, loaded on its CPU
+    if one_rank:
+        model.to(device)
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
@@ -405,6 +422,8 @@ def shard(model, device, trainable: bool, activation_checkpointing: bool = False
     # A frozen teacher frees its gathered root parameters after each forward; the student keeps them
     # for its backward (FSDP2's default for the root).
     fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
+    if not one_rank:  # every rank's shards from rank 0's weights, one tensor at a time
+        fill_from_rank0(model, weights, device)
     return model
 
 
@@ -479,20 +498,27 @@ def check_args(args: Args) -> None:
         raise SystemExit("error: --topk must be at least 1")
     if args.ratio_clip and args.student_loss != "sampled":
         raise SystemExit("error: --ratio-clip weighs the sampled form's tokens: use it with --student-loss sampled, or drop it")
-    if args.batch_cache and not args.cache_turns:
-        raise SystemExit("error: --batch-cache keeps the caches between turns: drop --no-cache-turns or --batch-cache")
+    if args.batch_cache and (not args.cache_turns or args.rollout_chunk):
+        raise SystemExit("error: --batch-cache keeps the whole batch's caches between turns: drop --no-cache-turns and "
+                         "--rollout-chunk, or --batch-cache")
 
 
 if __name__ == "__main__":
     # ---- INFRASTRUCTURE: arguments, process group, seeds, models, run folder (common/ holds the details) ----
     args = tyro.cli(Args)
-    fill_defaults(args, TINY, REAL, REAL_LOSSES)
+    fill_defaults(args, TINY, REAL, REAL_LOSSES, required=("env", "teacher"))
     check_args(args)
     rank, world, device = setup()
     try:
-        envs.make(args.env, seed=args.seed).close()  # a bad spec fails here, in one line
         args.student = student_name(args.student, args.env)
-        args.teacher = teacher_name(args.teacher, args.student, args.env, REAL_TEACHER)
+        args.teacher = teacher_name(args.teacher, args.student, args.env)
+    except (ModelError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    # The memory plan, from the configs alone (--plan prints it and exits): fills the auto memory choices.
+    plan = plan_run(args, world, device, args.student, [args.teacher], [[STUDENT, args.teacher]],
+                    topk=args.topk if args.student_loss == "topk" else 0, full="full" in (args.student_loss, args.teacher_loss))
+    try:
+        envs.make(args.env, seed=args.seed).close()  # a bad spec fails here, in one line
         user = env_user(args.user_model, args.env, device)  # {} or {"user": the customer model}
     except (envs.EnvError, ModelError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -508,7 +534,7 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay, foreach=True)
 
-    run = Run(args, args.env, student, tokenizer, optimizer, generators, device, f"teacher {args.teacher}, env {args.env}")
+    run = Run(args, args.env, student, tokenizer, optimizer, generators, device, f"teacher {args.teacher}, env {args.env}", plan)
 
     # Environments are made once and reset for every episode (a TextWorld-Express env is a JVM process).
     # Their own randomness comes from (--seed, split, episode seed): the same episode on any rank.
@@ -539,7 +565,7 @@ if __name__ == "__main__":
         # ALGO LOGIC: rollouts with guidance probability beta
         t0 = time.time()
         seeds = [(iteration * world + rank) * args.num_envs + j for j in range(args.num_envs)]
-        with gathered(student, teacher):
+        with gathered(*run.gather(student, teacher)):  # whole, or by layer (--rollout-gather)
             episodes = rollout(student, teacher, tokenizer, pool, seeds, beta, args, sampler, args.temperature, max_turns)
         for j, ep in enumerate(episodes):
             ep.slot = rank * args.num_envs + j  # its place in the batch over every rank: picks its mini-batch

@@ -21,23 +21,21 @@ s_d(initial student)) on held-out seeds (0 = the initial student, 1 = the domain
 and minimum over domains. Teachers and initial student are evaluated once, at the start.
 
 Mini-batches: the rollout batch is split into --num-minibatches optimizer steps, each holding every domain in
-the batch's ratio (each domain's episodes shuffled and dealt in turn, a draw from --seed and the iteration, the
+the batch's ratio (each domain's episodes shuffled and dealt in turn, drawn from --seed and the iteration, the
 same on any number of ranks); `--loss pg` weighs the later ones, drawn by an older student, by the importance
-ratio (on-policy in expectation; `--ratio-max` truncates it, `--ratio-clip` = PPO's clipped ratio instead,
-`--ratio-max 0` = none; the paper's ratio handling is unknown).
-Open choices, as flags: `--domain-weights` (the paper's 0.35 : 0.35 : 0.30 were its own three domains);
+ratio (`--ratio-max` truncates it, `--ratio-clip` = PPO's clipped ratio, `--ratio-max 0` = none; the paper's
+is unknown). Open choices, as flags: `--domain-weights` (the paper's 0.35 : 0.35 : 0.30 were its own domains);
 `--adv-clip`; `--topk`; `--route` scores every domain with one domain's teacher (the routing ablation);
-`--real-losses` runs a tiny student with the real-model loss. Arguments left at None are "auto": the
-tiny default's values with a tiny student, the real-model values otherwise (the TINY and REAL tables below
-the Args). The tiny default trains with `--loss full`; a real model with `--loss topk` (k = 64, with the tail
-bucket; the teacher's top 64 take 768 bytes per token of a rank's rollout batch, fp32 log-probs and int64
-ids): from the tiny default's able student `--loss topk` taught about as the exact loss did, while `--loss pg`
-collapsed at the tiny rate and stalled at a fifth of it (docs/mopd.md).
+`--real-losses` runs a tiny student with the real-model loss. Arguments left at None are "auto": the TINY or
+REAL table below the Args (a real student needs --domains); the memory plan (common/memory.py, `--plan`) fills
+the memory choices. The tiny default trains with `--loss full`; a real model with `--loss topk` (k = 64, with
+the tail bucket; 768 bytes per token of a rank's batch): from the tiny default's able student it taught about as
+the exact loss did, while `--loss pg` collapsed at the tiny rate and stalled at a fifth of it (docs/mopd.md).
 
     python mopd.py                                          # embedded tiny default: 3 games, 3 same-origin experts
     python mopd.py --route simonsays                        # ablation: simonsays' teacher scores every domain
     torchrun --nproc_per_node 8 mopd.py --student qwen3-1.7b \\
-        --domains alfworld@PATH_A scienceworld:boil@PATH_B --max-turns 30
+        --domains alfworld@PATH_A scienceworld:boil@PATH_B --max-turns 30   # --plan: its memory plan, no weights
 """
 
 from __future__ import annotations
@@ -56,7 +54,8 @@ import envs
 from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, Episode, TurnCache, collate, end_of_turn_id, episode_means, episode_sums,
                             generate_replies, pack_by_tokens, start_episodes, step_envs)
-from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
+from common.memory import plan_run
+from common.models import ModelError, fill_defaults, fill_from_rank0, load_student_and_teachers, student_name, teacher_name
 from common.runs import Run, check_rollout_args, eval_batch, gathered, minibatch_plan, seed_everything
 from common.teacher import Teachers, score_teacher, token_logprobs
 from common.user import env_user
@@ -81,13 +80,10 @@ class Args:
     student: str = "tiny"
     """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` (weak but able),
     `tiny-novice` or `tiny-small` (tiny students that share a tokenizer with the domains' tiny experts)"""
-    domains: tuple[str, ...] = ("twx:simonsays@tiny-expert:simonsays-same-origin",
-                                "twx:peckingorder@tiny-expert:peckingorder-same-origin",
-                                "twx:coin:numLocations=4,includeDoors=0@tiny-expert:coin-same-origin")
-    """the domains, each `ENV_SPEC@TEACHER` (e.g. `alfworld@qwen3-8b`, `twx:coin@tiny-expert:coin`); a bare
-    ENV_SPEC takes its tiny expert (tiny students only). Logged under the spec's game name (`coin`). Default:
-    three games, each with its same-origin tiny teacher (the tiny student fine-tuned on that game, as the
-    paper's teachers are RL-trained from the student's starting point)"""
+    domains: tuple[str, ...] | None = None
+    """the domains, each `ENV_SPEC@TEACHER` (e.g. `alfworld@qwen3-8b`); a bare ENV_SPEC takes its tiny expert (tiny
+    students only); logged by the spec's game (`coin`). Auto: three games, each with its same-origin tiny teacher
+    (trained from the tiny student, as the paper's from its student); a real student needs it"""
     domain_weights: tuple[float, ...] | None = None
     """share of each domain in every batch, in --domains order (normalised; default: uniform)"""
     thinking: bool = False
@@ -104,19 +100,23 @@ class Args:
     max_new_tokens: int | None = None
     """tokens a turn may generate (auto: 24 tiny, 512 real; more with --thinking)"""
     max_seq_len: int | None = None
-    """tokens an episode may hold; a turn that would not fit ends the episode as truncated (auto: 2048 tiny,
-    16384 real)"""
+    """tokens an episode may hold; a turn that would not fit ends it as truncated (auto: 2048 tiny, 16384 real)"""
     temperature: float = 1.0
     """sampling temperature of training rollouts; other than 1 only with --loss full or topk"""
     cache_turns: bool = True
-    """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster;
-    the memory grows with episodes x tokens; turn off if rollouts run out of memory)"""
+    """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster; the memory
+    grows with episodes x tokens); on unless the memory plan needs it off; --no-cache-turns: always off"""
+    rollout_chunk: int = 0
+    """episodes decoded at once (bounds the batched caches and logits); 0 = auto: all, or fewer if the plan needs"""
+    rollout_gather: Literal["auto", "whole", "student", "layers"] = "auto"
+    """rollouts gather the sharded student whole (`whole`, `student`: fastest) or by layer (`layers`, least
+    memory); auto: the fastest that the memory plan fits"""
 
     # Optimization
     total_iterations: int = 100
     """training iterations: one batch of rollouts and --num-minibatches optimizer steps each"""
     learning_rate: float | None = None
-    """AdamW learning rate (auto: 5e-4 tiny, 1e-6 real)"""
+    """AdamW learning rate (auto: 5e-4 tiny, 2e-5 real)"""
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     """learning rate after warmup: constant, or decaying to 0 at the end"""
     warmup_iterations: int = 0
@@ -125,14 +125,18 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
-    num_minibatches: int = 5
-    """optimizer steps per iteration: the rollout batch is split into this many mini-batches, each holding every
-    domain in the batch's ratio (so at most the smallest domain's count of the batch: 5 of the tiny default's 16)"""
+    num_minibatches: int | None = None
+    """optimizer steps per iteration: the batch split into this many mini-batches, each holding every domain in the
+    batch's ratio (at most the smallest domain's count; auto: 5 of the tiny default's 16, 1 real)"""
     micro_batch_tokens: int | None = None
-    """token budget of one forward/backward micro-batch, gradient accumulation within a mini-batch (auto:
-    4096 tiny, 16384 real)"""
+    """token budget of a forward/backward micro-batch, accumulated within a mini-batch (auto: 4096 tiny, 16384 real)"""
     activation_checkpointing: bool = False
-    """recompute decoder layers in backward to save memory (real models)"""
+    """recompute decoder layers in backward to save memory: always; without it, where the memory plan needs it"""
+    plan: bool = False
+    """print the memory plan (per-rank bytes for 1 to 8 ranks, from the models' configs) and exit: no weights loaded"""
+    device_memory: str = "auto"
+    """the memory a rank plans for: auto (this GPU's; on a CPU the available over the host's ranks, or 80 GiB GPUs
+    for --plan of a real student), or gpu:<GiB> / cpu:<GiB>"""
 
     # Evaluation and checkpoints
     eval_interval: int = 20
@@ -160,9 +164,8 @@ class Args:
     topk: int = 64
     """topk: the teacher's k most likely tokens at each position"""
     topk_tail: bool = True
-    """topk: add the same term for the mass outside the teacher's top-k (one bucket, student's and teacher's
-    tail mass), so that the student's mass outside them is held down as the exact KL holds it;
-    `--no-topk-tail`: the paper's form"""
+    """topk: add the same term for the mass outside the teacher's top-k (one bucket), which holds the student's mass
+    there down as the exact KL does; `--no-topk-tail`: the paper's form"""
     route: str = "domain"
     """`domain`: each trajectory is scored by its own domain's teacher (MOPD); a domain's name: that domain's
     teacher scores every domain (the routing ablation; normalised scores still use each domain's own teacher)"""
@@ -170,18 +173,19 @@ class Args:
     """pg: weigh each token's term by the importance ratio pi_s / pi_s(rollout), so that later mini-batches stay
     on-policy in expectation; truncated at ratio_max (inf: the plain ratio); 0 = no ratio, the plain estimator"""
     ratio_clip: float = 0.0
-    """pg: PPO's clipped surrogate instead, the ratio clipped to 1 +- ratio_clip with the advantage of the
-    rollout-time student (0 = off; when set, --ratio-max is not used)"""
+    """pg: PPO's clipped surrogate instead, ratio in 1 +- ratio_clip, the rollout student's advantage (0 = off)"""
     real_losses: bool = False
-    """with a tiny student: train with the real-model loss (REAL_LOSSES: --loss as a real run takes it),
-    everything else the tiny default's, to see it teach on a CPU"""
+    """a tiny student trains with the real-model loss (REAL_LOSSES), all else the tiny default's: seen on a CPU"""
 
 
-# "Auto" arguments (None above): the embedded tiny default's values, and a real model's.
-TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=5e-4, micro_batch_tokens=4096,
-            loss="full")
-REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
-            loss="topk")
+# "Auto" arguments (None above): the embedded tiny default's values, and a real model's. REAL's sources
+# (docs/real_models.md): the rate is NeMo-RL's for on-policy distillation of full models (2e-5; 4e-5 did worse);
+# one optimizer step per batch as tinker-cookbook's multi-teacher on-policy distillation.
+TINY = dict(domains=("twx:simonsays@tiny-expert:simonsays-same-origin", "twx:peckingorder@tiny-expert:peckingorder-same-origin",
+                     "twx:coin:numLocations=4,includeDoors=0@tiny-expert:coin-same-origin"), max_turns=12,
+            max_new_tokens=24, max_seq_len=2048, learning_rate=5e-4, micro_batch_tokens=4096, num_minibatches=5, loss="full")
+REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=2e-5, micro_batch_tokens=16384,
+            num_minibatches=1, loss="topk")
 REAL_LOSSES = ("loss",)  # what --real-losses takes from REAL
 
 
@@ -235,8 +239,7 @@ def lr_at(iteration: int, args: Args) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
-# ALGO LOGIC: student rollouts. The student plays whole episodes of every domain in one batch; the env
-# steps; the tokens are appended to one sequence per episode. An env that fails ends its episode (dropped later).
+# ALGO LOGIC: student rollouts: whole episodes of every domain in one batch, one token sequence per episode.
 # ----------------------------------------------------------------------------------------------------
 def truncate_if_full(ep: Episode, args: Args) -> bool:
     """End an episode whose next turn could pass --max-seq-len (logged as truncated, never a crash)."""
@@ -258,7 +261,8 @@ def rollout(student, tokenizer, pool, domains, seeds, args: Args, sampler: torch
             break
         outs = generate_replies(student, tokenizer, [episodes[i].ids for i in active], args.max_new_tokens,
                                 temperature, generator=sampler,
-                                caches=[caches[i] for i in active] if args.cache_turns else None)
+                                caches=[caches[i] for i in active] if args.cache_turns else None,
+                                chunk=args.rollout_chunk)
         replies = dict(zip(active, outs))
         texts = [tokenizer.decode(replies[i], skip_special_tokens=True) for i in active]
         steps = step_envs(pool, episodes, active, texts)
@@ -387,7 +391,10 @@ def shard(model, device, trainable: bool, activation_checkpointing: bool = False
     bf16 compute with fp32 reductions on GPU; fp32 on CPU (bf16 is about 10x slower there)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model.to(device)
+    one_rank = torch.distributed.get_world_size() == 1
+    weights = model.state_dict() if not one_rank and model.device.type != "meta" else {}  # rank 0's, loaded on its CPU
+    if one_rank:
+        model.to(device)
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
@@ -396,16 +403,16 @@ def shard(model, device, trainable: bool, activation_checkpointing: bool = False
     # A frozen teacher frees its gathered root parameters after each forward; the student keeps them
     # for its backward (FSDP2's default for the root).
     fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
+    if not one_rank:  # every rank's shards from rank 0's weights, one tensor at a time
+        fill_from_rank0(model, weights, device)
     return model
 
 
 def train_step(student, optimizer, episodes: list[Episode], batch: dict, teacher_scores, old_logp, plan: list[int],
                args: Args, world: int, device) -> dict:
-    """One iteration's updates. The rollout batch is split into --num-minibatches mini-batches, one optimizer
-    step each (as verl's PPO mini-batches): a tiny model needs many steps, and rollouts cost the most. The split
-    is `plan` (the same on every rank): every mini-batch holds every domain in the batch's ratio, as the paper's
-    batches do, its episodes shuffled. Inside a mini-batch, micro-batches of at most --micro-batch-tokens accumulate gradients. Returns the
-    summed statistics of the micro-batches and the mean gradient norm."""
+    """One iteration's updates: --num-minibatches optimizer steps (as verl's PPO mini-batches), the split `plan` (the
+    same on every rank; every mini-batch holds every domain in the batch's ratio, as the paper's batches), each of
+    micro-batches of at most --micro-batch-tokens. Returns the summed statistics and the mean gradient norm."""
     loss_mask = batch["loss_mask"]
     full_rows = None
     if teacher_scores.full is not None:  # map each trained position to its row of the teacher's full distributions
@@ -478,13 +485,20 @@ def check_args(args: Args) -> None:
 if __name__ == "__main__":
     # ---- INFRASTRUCTURE: arguments, process group, seeds, models, run folder (common/ holds the details) ----
     args = tyro.cli(Args)
-    fill_defaults(args, TINY, REAL, REAL_LOSSES)
+    fill_defaults(args, TINY, REAL, REAL_LOSSES, required=("domains",))
     check_args(args)
     rank, world, device = setup()
-    args.student = student_name(args.student, args.domains[0].partition("@")[0])
+    try:
+        args.student = student_name(args.student, args.domains[0].partition("@")[0])
+    except (ModelError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     domains = parse_domains(args.domains, args.student)  # [(name, env spec, teacher)]
     names, own_teacher = [name for name, _, _ in domains], routing(domains, "domain")
     route = routing(domains, args.route)  # the ablation: every trajectory to --route's teacher
+    distinct = list(dict.fromkeys(t for _, _, t in domains))  # each distinct teacher, loaded once
+    # The memory plan, from the configs alone (--plan prints it and exits): fills the auto memory choices.
+    plan = plan_run(args, world, device, args.student, distinct, [[STUDENT]] + [[t] for t in distinct],
+                    topk=args.topk if args.loss == "topk" else 0, full=args.loss == "full")
     try:
         for name, spec, _ in domains:
             envs.make(spec, seed=args.seed).close()  # a bad spec fails here, in one line
@@ -499,8 +513,7 @@ if __name__ == "__main__":
     sampler = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)  # sampling of tokens
     generators = {"sampler": sampler}
 
-    # The student trains; the teachers (each distinct one loaded once) are frozen; all sharded with FSDP2.
-    distinct = list(dict.fromkeys(t for _, _, t in domains))
+    # The student trains; the teachers are frozen; all sharded with FSDP2 (each rank's shards from rank 0's weights).
     student, tokenizer, models = load_student_and_teachers(args.student, distinct, device, args.max_seq_len)
     student = shard(student, device, trainable=True, activation_checkpointing=args.activation_checkpointing)
     teachers = Teachers({n: shard(m, device, trainable=False) for n, m in zip(distinct, models)}, args.micro_batch_tokens)
@@ -509,7 +522,7 @@ if __name__ == "__main__":
                                   weight_decay=args.weight_decay, foreach=True)
 
     run = Run(args, "+".join(names), student, tokenizer, optimizer, generators, device,
-              "domains " + ", ".join(f"{n} ({s}) scored by {route[n]}" for n, s, _ in domains))
+              "domains " + ", ".join(f"{n} ({s}) scored by {route[n]}" for n, s, _ in domains), plan)
     baseline = run.extra.setdefault("baseline", {})  # per domain: held-out success of the initial student and its teacher
 
     # Environments are made on first use and reset for every episode (a TextWorld-Express env is a JVM
@@ -567,7 +580,7 @@ if __name__ == "__main__":
         mine = [names[d] for d in draws]
         seeds = [(iteration * world + rank) * args.num_envs + j for j in range(args.num_envs)]
         play = [pool(d, "train", mine.count(d))[mine[:j].count(d)] for j, d in enumerate(mine)]
-        with gathered(student):
+        with gathered(*run.gather(student)):  # whole, or by layer (--rollout-gather)
             episodes = rollout(student, tokenizer, play, mine, seeds, args, sampler, args.temperature, max_turns)
         for j, ep in enumerate(episodes):
             ep.slot = rank * args.num_envs + j  # its place in the batch over every rank: picks its mini-batch
@@ -588,8 +601,7 @@ if __name__ == "__main__":
         t_teacher = time.time() - t0
 
         t0 = time.time()
-        # ALGO LOGIC: the training step, on mini-batches that hold every domain in the batch's ratio (the slots of
-        # each domain shuffled and dealt in turn, drawn from --seed and the iteration)
+        # ALGO LOGIC: the training step, on mini-batches that hold every domain in the batch's ratio (train_step)
         plan = minibatch_plan(domain_draws(iteration, args.num_envs * world, weights, args.seed), args.num_minibatches,
                               random.Random(f"{args.seed}/mb/{iteration}"))
         step = train_step(student, optimizer, episodes, batch, scores, old_logp, plan, args, world, device)

@@ -18,26 +18,25 @@ mode-seeking but needs a student that already reaches the states the experts kno
   baselines are this script; `--phase2-data experts` is off-policy alone with phase 2's learning rate after
   the switch (the control of the rate drop).
 
-Open choices, as flags: the data size (--expert-episodes per task), filtering by success (--success-only),
-the switch (after --phase1-iterations; the paper gives no criterion), the exact losses for local teachers
-(--teacher-loss full, --student-loss full), the sampling temperature of the experts' data
-(--expert-temperature), phase 2's learning rate (--phase2-learning-rate; the tiny default's is a quarter of
-phase 1's), and --adv-clip. One optimizer and one learning rate schedule (warmup, decay) span both phases.
-Which loss runs: a real model's phase 2 trains by default with `--student-loss topk`, the reverse KL over the
-expert's top 64 tokens plus one bucket for the rest (no sampling of the loss; the paper's sampled form is
-`--student-loss sampled`), phase 1 with `ce`; the tiny default trains with the exact losses (`full`), and
-`--real-losses` runs a tiny student with the real-model ones. Mini-batches: each of the --num-minibatches
-optimizer steps holds every task in the batch's ratio (each task's episodes shuffled and dealt in turn, a draw
-from --seed and the iteration, the same on any number of ranks); phase 2's sampled form weighs the later ones
-by the importance ratio (`--ratio-max` truncates it, `--ratio-clip` = PPO's clipped ratio, `--ratio-max 0` =
-none). Arguments left at None are "auto": the tiny default's values with a tiny student, the real-model values
-otherwise (TINY and REAL below the Args).
+Open choices, as flags: the data size (--expert-episodes per task), filtering by success (--success-only), the
+switch (after --phase1-iterations; the paper gives no criterion), the experts' sampling temperature
+(--expert-temperature), phase 2's learning rate (--phase2-learning-rate) and --adv-clip. One optimizer and one
+learning rate schedule (warmup, decay) span both phases. Losses: a real model trains phase 1 with `ce` and phase 2
+with `--student-loss topk`, the reverse KL over the expert's top 64 tokens plus one bucket for the rest (the paper's
+sampled form: `--student-loss sampled`); the tiny default with the exact losses (`full`); `--real-losses` gives a
+tiny student the real-model ones. Each of the --num-minibatches optimizer steps holds every task in the batch's
+ratio (a draw from --seed and the iteration, the same on any number of ranks); phase 2's sampled form weighs the
+later ones by the importance ratio (--ratio-max, --ratio-clip). Arguments left at None are "auto": the tiny
+default's values with a tiny student, the real-model values otherwise (TINY and REAL below the Args); the memory
+choices (--activation-checkpointing, --cache-turns, --rollout-gather, --rollout-chunk) follow a memory plan made
+from the models' configs before any weight is loaded (--plan prints it).
 
     python two_phase.py                                    # embedded tiny default: three games, CPU, minutes
     python two_phase.py --phase2-iterations 0              # off-policy distillation alone (baseline)
     python two_phase.py --phase1-iterations 0              # on-policy distillation alone (baseline)
     torchrun --nproc_per_node 8 two_phase.py --student qwen3-8b --tasks tau2:airline tau2:retail \
         --teachers <airline-expert> <retail-expert> --user-model qwen3-8b
+    python two_phase.py <the same arguments> --plan        # its memory plan for 1 to 8 ranks, no weights loaded
 """
 
 from __future__ import annotations
@@ -57,7 +56,8 @@ import envs
 from common.dist import all_max, all_sum, setup
 from common.episode import (STUDENT, TEACHER, Episode, TurnCache, collate, end_of_turn_id, episode_sums,
                             generate_replies, pack_by_tokens, start_episodes, step_envs)
-from common.models import ModelError, fill_defaults, load_student_and_teachers, student_name, teacher_name
+from common.memory import plan_run
+from common.models import ModelError, fill_defaults, fill_from_rank0, load_student_and_teachers, student_name, teacher_name
 from common.runs import Run, check_rollout_args, eval_batch, evaluate, gathered, minibatch_plan, seed_everything
 from common.teacher import Teachers, score_teacher, token_logprobs
 from common.user import env_user
@@ -82,11 +82,11 @@ class Args:
     student: str = "tiny"
     """the student: an alias (qwen3-0.6b, qwen3-1.7b, ...), a hub id, a local path, or `tiny` (weak but able),
     `tiny-novice` or `tiny-small` (tiny students that share a tokenizer with the tasks' tiny experts)"""
-    tasks: tuple[str, ...] = ("twx:simonsays", "twx:peckingorder", "twx:coin:numLocations=4,includeDoors=0")
-    """the tasks: environment specs (see envs/), one expert each; the student learns all of them"""
+    tasks: tuple[str, ...] | None = None
+    """environment specs (see envs/), one expert each; the student learns all of them (auto: the tiny default's three
+    games; a real student needs them)"""
     teachers: tuple[str, ...] | None = None
-    """one expert per task, in the order of --tasks (frozen). Auto: each task's tiny expert for a tiny student;
-    qwen3-8b for every task with a real one (pass the tasks' RL experts, as the paper does)"""
+    """one frozen expert per task, in --tasks' order: the tasks' tiny experts for a tiny student; a real one needs them"""
     thinking: bool = False
     """Qwen3 thinking mode in the chat template (the tiny models do not think)"""
     user_model: str | None = None
@@ -101,13 +101,17 @@ class Args:
     max_new_tokens: int | None = None
     """tokens a turn may generate (auto: 24 tiny, 512 real; more with --thinking)"""
     max_seq_len: int | None = None
-    """tokens an episode may hold; a turn that would not fit ends the episode as truncated (auto: 2048 tiny,
-    16384 real)"""
+    """tokens an episode may hold; a turn that would not fit ends it as truncated (auto: 2048 tiny, 16384 real)"""
     temperature: float = 1.0
     """sampling temperature of the student's training rollouts; other than 1 only with --student-loss full or topk"""
     cache_turns: bool = True
-    """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster;
-    the memory grows with episodes x tokens; turn off if rollouts run out of memory)"""
+    """keep each episode's key/value cache between turns, so a turn runs only its new tokens (faster; the memory
+    grows with episodes x tokens); on unless the memory plan needs it off; --no-cache-turns: always off"""
+    rollout_chunk: int = 0
+    """episodes decoded at once (bounds the batched caches and logits); 0 = auto: all, or fewer if the memory plan needs"""
+    rollout_gather: Literal["auto", "whole", "student", "layers"] = "auto"
+    """rollouts hold the sharded models gathered whole (`whole`, fastest), the student whole and the experts by layer
+    in each forward (`student`), or every model by layer (`layers`, least memory); auto: the fastest the plan fits"""
 
     # Optimization
     phase1_iterations: int = 100
@@ -115,11 +119,10 @@ class Args:
     phase2_iterations: int = 100
     """on-policy iterations (phase 2): a batch of student rollouts and --num-minibatches optimizer steps each"""
     learning_rate: float | None = None
-    """AdamW learning rate of phase 1 (auto: 2e-3 tiny, 1e-6 real)"""
+    """AdamW learning rate of phase 1 (auto: 2e-3 tiny, 1e-5 real)"""
     phase2_learning_rate: float | None = None
-    """AdamW learning rate of phase 2 (auto: 5e-4 tiny, --learning-rate real): the same optimizer, its rate
-    changed at the switch (the tiny default's on-policy steps, one episode of each task, are noisier than the experts'
-    tokens)"""
+    """AdamW learning rate of phase 2 (auto: 5e-4 tiny, 2e-5 real): the same optimizer, its rate changed at the
+    switch (the tiny default's on-policy steps, one episode of each task, are noisier than the experts' tokens)"""
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     """learning rate after warmup: constant, or decaying to 0 at the end (of both phases)"""
     warmup_iterations: int = 0
@@ -128,14 +131,18 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
-    num_minibatches: int = 4
+    num_minibatches: int | None = None
     """optimizer steps per iteration: the batch is split into this many mini-batches, each holding every task
-    in the batch's ratio (so at most the smallest task's count of the batch)"""
+    in the batch's ratio, so at most the smallest task's count of the batch (auto: 4 tiny, 1 real)"""
     micro_batch_tokens: int | None = None
-    """token budget of one forward/backward micro-batch, gradient accumulation within a mini-batch (auto:
-    4096 tiny, 16384 real)"""
+    """token budget of one forward/backward micro-batch, accumulated in a mini-batch (auto: 4096 tiny, 16384 real)"""
     activation_checkpointing: bool = False
-    """recompute decoder layers in backward to save memory (real models)"""
+    """recompute decoder layers in backward to save memory: always; without it, where the memory plan needs it"""
+    plan: bool = False
+    """print the memory plan (per-rank bytes for 1 to 8 ranks, from the models' configs) and exit: no weights loaded"""
+    device_memory: str = "auto"
+    """the memory a rank plans for: auto (this GPU's, or on a CPU the available memory over the host's ranks;
+    --plan on a machine without a GPU plans 80 GiB GPUs for a real student), or gpu:<GiB> / cpu:<GiB>"""
 
     # Evaluation and checkpoints
     eval_interval: int = 50
@@ -173,16 +180,14 @@ class Args:
     adv_clip: float = 0.0
     """clip the sampled form's per-token advantage log pi_T - log pi_s to +-adv_clip (0 = no clip)"""
     ratio_max: float = math.inf
-    """phase 2's sampled form: weigh each token's term by the importance ratio pi_s / pi_s(rollout), so that later
-    mini-batches stay on-policy in expectation; truncated at ratio_max (inf: the plain ratio); 0 = no ratio, the
-    plain estimator"""
+    """phase 2's sampled form: weigh each token's term by the importance ratio pi_s / pi_s(rollout) (later mini-batches
+    on-policy in expectation), truncated at ratio_max (inf: the plain ratio); 0 = no ratio, the plain estimator"""
     ratio_clip: float = 0.0
     """phase 2's sampled form: PPO's clipped surrogate instead, the ratio clipped to 1 +- ratio_clip with the
     advantage of the rollout-time student (0 = off; when set, --ratio-max is not used)"""
     phase2_data: Literal["student", "experts"] = "student"
-    """phase 2's data: `student` = its own rollouts (on-policy, the paper); `experts` = more batches of phase 1's
-    data and loss at phase 2's rate: off-policy distillation with the default's learning-rate drop, the control
-    that differs from the default only in where phase 2's data comes from"""
+    """phase 2's data: `student` = its own rollouts (on-policy, the paper); `experts` = phase 1's data and loss at phase
+    2's rate (off-policy with the default's rate drop: the control that differs only in where phase 2's data comes from)"""
     real_losses: bool = False
     """with a tiny student: train with the real-model losses (REAL_LOSSES: --teacher-loss and --student-loss as a
     real run takes them), everything else the tiny default's, to see them teach on a CPU"""
@@ -193,12 +198,15 @@ class Args:
 
 
 # "Auto" arguments (None above): the embedded tiny default's values, and a real model's.
-TINY = dict(max_turns=12, max_new_tokens=24, max_seq_len=2048, learning_rate=2e-3, phase2_learning_rate=5e-4,
-            micro_batch_tokens=4096, student_loss="full", teacher_loss="full")
-REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-6, micro_batch_tokens=16384,
-            student_loss="topk", teacher_loss="ce")
+# REAL's sources (docs/real_models.md): phase 1 (supervised) at 1e-5, the low end of public SFT recipes for whole 1-8B
+# models (1e-5 to 2e-5); phase 2 at NeMo-RL's on-policy distillation rate for full models (2e-5; 4e-5 did worse); one
+# optimizer step per batch; the lengths are the papers' (512 tokens a turn).
+TINY = dict(tasks=("twx:simonsays", "twx:peckingorder", "twx:coin:numLocations=4,includeDoors=0"), max_turns=12,
+            max_new_tokens=24, max_seq_len=2048, learning_rate=2e-3, phase2_learning_rate=5e-4, micro_batch_tokens=4096,
+            num_minibatches=4, student_loss="full", teacher_loss="full")
+REAL = dict(max_turns=0, max_new_tokens=512, max_seq_len=16384, learning_rate=1e-5, phase2_learning_rate=2e-5,
+            micro_batch_tokens=16384, num_minibatches=1, student_loss="topk", teacher_loss="ce")
 REAL_LOSSES = ("student_loss", "teacher_loss")  # what --real-losses takes from REAL
-REAL_TEACHER = "qwen3-8b"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -255,7 +263,7 @@ def rollout(agent, tokenizer, pool, tasks, seeds, role: int, args: Args, sampler
             break
         outs = generate_replies(agent, tokenizer, [episodes[i].ids for i in active], args.max_new_tokens,
                                 temperature, generator=sampler,
-                                caches=[caches[i] for i in active] if args.cache_turns else None)
+                                caches=[caches[i] for i in active] if args.cache_turns else None, chunk=args.rollout_chunk)
         texts = [tokenizer.decode(reply, skip_special_tokens=True) for reply in outs]
         steps = step_envs(pool, episodes, active, texts)
         still_playing = []
@@ -278,16 +286,16 @@ def rollout(agent, tokenizer, pool, tasks, seeds, role: int, args: Args, sampler
     return episodes
 
 
-def collect_expert_data(experts: Teachers, tokenizer, pools: dict, args: Args, sampler, max_turns: int, rank: int,
-                        world: int) -> tuple[dict, dict]:
-    """Phase 1 data: each task's expert plays training seeds 0..--expert-episodes-1 of its task (split over
-    ranks); every rank gets every task's episodes (gathered, by seed), only the solved ones with
+def collect_expert_data(experts: Teachers, tokenizer, pools: dict, args: Args, sampler, max_turns: int, run: Run):
+    """Phase 1 data: each task's expert (held as --rollout-gather says) plays training seeds 0..--expert-episodes-1
+    of its task, split over ranks; every rank gets every task's episodes (by seed), only the solved ones with
     --success-only. Returns (episodes by task, the experts' success rate on these seeds by task)."""
-    data, rates = {}, {}
+    data, rates, world = {}, {}, run.world
     for task in args.tasks:
-        rates[task], mine = evaluate(lambda p, s: rollout(experts[task], tokenizer, p, [task] * len(s), s, TEACHER,
-                                                          args, sampler, args.expert_temperature, max_turns),
-                                     pools[task], args.expert_episodes, rank, world)
+        with gathered(*run.gather(None, experts[task])):
+            rates[task], mine = evaluate(lambda p, s: rollout(experts[task], tokenizer, p, [task] * len(s), s, TEACHER,
+                                                              args, sampler, args.expert_temperature, max_turns),
+                                         pools[task], args.expert_episodes, run.rank, world)
         every = [None] * world
         dist.all_gather_object(every, mine)
         episodes = sorted((ep for eps in every for ep in eps), key=lambda ep: ep.seed)
@@ -426,7 +434,10 @@ def shard(model, device, trainable: bool, activation_checkpointing: bool = False
     bf16 compute with fp32 reductions on GPU; fp32 on CPU (bf16 is about 10x slower there)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model.to(device)
+    one_rank = torch.distributed.get_world_size() == 1
+    weights = model.state_dict() if not one_rank and model.device.type != "meta" else {}  # rank 0's, loaded on its CPU
+    if one_rank:
+        model.to(device)
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
@@ -435,6 +446,8 @@ def shard(model, device, trainable: bool, activation_checkpointing: bool = False
     # A frozen teacher frees its gathered root parameters after each forward; the student keeps them
     # for its backward (FSDP2's default for the root).
     fully_shard(model, mp_policy=mp, reshard_after_forward=not trainable)
+    if not one_rank:  # every rank's shards from rank 0's weights, one tensor at a time
+        fill_from_rank0(model, weights, device)
     return model
 
 
@@ -518,16 +531,21 @@ def check_args(args: Args) -> None:
 if __name__ == "__main__":
     # ---- INFRASTRUCTURE: arguments, process group, seeds, models, run folder (common/ holds the details) ----
     args = tyro.cli(Args)
-    fill_defaults(args, TINY, REAL, REAL_LOSSES)
-    if args.phase2_learning_rate is None:  # a real student's auto: phase 1's
-        args.phase2_learning_rate = args.learning_rate
+    fill_defaults(args, TINY, REAL, REAL_LOSSES, required=("tasks", "teachers"))
     check_args(args)
     rank, world, device = setup()
     try:
+        args.student = student_name(args.student, args.tasks[0])
+        args.teachers = tuple(args.teachers or (teacher_name(None, args.student, t) for t in args.tasks))
+        # The memory plan from the configs (--plan prints it, exits): phase 1's experts generate alone, then the student
+        distinct = list(dict.fromkeys(args.teachers))
+        plan = plan_run(args, world, device, args.student, distinct, [[e] for e in distinct] + [[STUDENT]],
+                        topk=args.topk if args.student_loss == "topk" else 0, full="full" in (args.student_loss, args.teacher_loss))
+    except (ModelError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
         for task in args.tasks:  # a bad spec fails here, in one line
             envs.make(task, seed=args.seed).close()
-        args.student = student_name(args.student, args.tasks[0])
-        args.teachers = tuple(args.teachers or (teacher_name(None, args.student, t, REAL_TEACHER) for t in args.tasks))
         user = env_user(args.user_model, next((t for t in args.tasks if t.startswith("tau2:")), args.tasks[0]), device)
     except (envs.EnvError, ModelError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -536,8 +554,7 @@ if __name__ == "__main__":
     generators = {"sampler": sampler}
 
     # The student trains, each task's expert is frozen; all sharded with FSDP2 (an expert shared by tasks once).
-    student, tokenizer, expert_models = load_student_and_teachers(args.student, list(args.teachers), device,
-                                                                  args.max_seq_len)
+    student, tokenizer, expert_models = load_student_and_teachers(args.student, list(args.teachers), device, args.max_seq_len)
     student = shard(student, device, trainable=True, activation_checkpointing=args.activation_checkpointing)
     for model in {id(m): m for m in expert_models}.values():
         shard(model, device, trainable=False)
@@ -547,7 +564,7 @@ if __name__ == "__main__":
                                   weight_decay=args.weight_decay, foreach=True)
 
     run = Run(args, "+".join(task_label(t) for t in args.tasks), student, tokenizer, optimizer, generators, device,
-              "tasks and experts: " + ", ".join(f"{task_label(t)} {e}" for t, e in zip(args.tasks, args.teachers)))
+              "tasks and experts: " + ", ".join(f"{task_label(t)} {e}" for t, e in zip(args.tasks, args.teachers)), plan)
     if run.extra.get("phase1_iterations", args.phase1_iterations) != args.phase1_iterations:
         raise SystemExit(f"error: the checkpoint switched phases after {run.extra['phase1_iterations']} iterations: "
                          f"resume with --phase1-iterations {run.extra['phase1_iterations']}")
@@ -597,7 +614,7 @@ if __name__ == "__main__":
     if run.start < args.phase1_iterations or args.phase2_data == "experts":
         t0 = time.time()
         collect_sampler = torch.Generator(device=device).manual_seed(args.seed * 1000 + 777 + rank)
-        data, train_rates = collect_expert_data(experts, tokenizer, task_pools, args, collect_sampler, max_turns, rank, world)
+        data, train_rates = collect_expert_data(experts, tokenizer, task_pools, args, collect_sampler, max_turns, run)
         empty = [task for task in args.tasks if not data[task]]
         if empty:
             raise SystemExit(f"error: the expert of {', '.join(empty)} solved none of its {args.expert_episodes} training "
@@ -620,7 +637,7 @@ if __name__ == "__main__":
             episodes = expert_batch(data, iteration, args, rank, world)
         else:
             seeds = [(iteration * world + rank) * args.num_envs + j for j in range(args.num_envs)]
-            with gathered(student):
+            with gathered(*run.gather(student)):  # whole, or by layer (--rollout-gather)
                 episodes = rollout(student, tokenizer, pool, pool_tasks, seeds, STUDENT, args, sampler, args.temperature,
                                    max_turns)
             for j, ep in enumerate(episodes):

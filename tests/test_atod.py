@@ -94,7 +94,7 @@ def test_annealing_schedule():
     assert a.kappa_rho(10, a.Args(mode="opd", anneal_iterations=80)) == (1.0, 0.0)
     assert a.kappa_rho(10, a.Args(mode="grpo", anneal_iterations=80)) == (0.0, 1.0)
     assert a.kappa_rho(90, a.Args(mode="constant", anneal_iterations=80)) == (1.0, 1.0)
-    assert round(a.PAPER_ANNEAL_FRACTION * 150) == 80 and round(a.PAPER_ANNEAL_FRACTION * a.Args().total_iterations) == 16
+    assert round(a.PAPER_ANNEAL_FRACTION * 150) == 80 and round(a.PAPER_ANNEAL_FRACTION * a.TINY["total_iterations"]) == 16
 
 
 def test_hybrid_advantage_and_its_baselines():
@@ -353,3 +353,66 @@ def test_teacher_with_another_vocabulary_is_refused(tmp_path):
     p = run(SMOKE + ["--teacher", str(tmp_path / "other")], tmp_path, check=False, timeout=300)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode != 0 and "vocabulary" in last and str(len(tok) + 7) in last, p.stderr[-2000:]
+
+
+def test_real_student_defaults():
+    """A real student: the paper's rate (constant), 150 iterations, groups of 8, 4 mini-batches at most."""
+    from common.models import fill_defaults
+
+    args = a.Args(student="qwen3-1.7b", teacher="qwen3-8b", env="alfworld")
+    fill_defaults(args, a.TINY, a.REAL, a.REAL_LOSSES, required=("env", "teacher"))
+    assert (args.learning_rate, args.lr_schedule, args.total_iterations, args.group_size, args.num_minibatches,
+            args.opd_loss) == (1e-6, "constant", 150, 8, 4, "topk")
+    tiny = a.Args()
+    fill_defaults(tiny, a.TINY, a.REAL, a.REAL_LOSSES, required=("env", "teacher"))
+    assert (tiny.env, tiny.total_iterations, tiny.num_minibatches, tiny.group_size) == ("twx:peckingorder", 30, 4, 4)
+
+
+def test_plan_prints_the_table_and_loads_no_weights(tmp_path, qwen3_shaped):
+    m = qwen3_shaped
+    p = run(["--student", m, "--teacher", m, "--env", "twx:peckingorder", "--plan"], tmp_path, timeout=120)
+    assert "memory plan: student" in p.stdout and "peak" in p.stdout and "8 rank(s)" in p.stdout, p.stdout
+    assert "Loading weights" not in p.stdout + p.stderr and not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--env", "twx:peckingorder"], "needs --teacher"),
+    ([], "needs --env and --teacher"),
+])
+def test_real_student_without_teacher_or_env_is_one_line(tmp_path, qwen3_shaped, args, expected):
+    p = run(["--student", qwen3_shaped] + args, tmp_path, check=False, timeout=120)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and expected in last and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_more_minibatches_than_groups_is_one_line(tmp_path):
+    """The tiny default's global batch holds 16 / 4 = 4 groups: a mini-batch holds whole groups, so 8 cannot be."""
+    p = run(["--num-minibatches", "8"], tmp_path, check=False, timeout=120)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and "--num-minibatches 8" in last and "4 groups" in last, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+
+
+def test_qwen3_shaped_run_with_every_memory_saving(tmp_path, qwen3_shaped):
+    """Qwen3-shaped student and teacher (the real defaults: top-k loss), rollouts gathering by layer one episode at
+    a time, activation checkpointing: it trains and logs its measured peak memory beside the plan's. Auto
+    mini-batches: the batch's single group, so no empty mini-batch (no step without signal)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m, teacher = qwen3_shaped, str(tmp_path / "teacher")  # the teacher: the student's weights, moved (a KL to learn)
+    model = AutoModelForCausalLM.from_pretrained(m)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.model.norm.weight.add_(torch.randn_like(model.model.norm.weight))
+    model.save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(m).save_pretrained(teacher)
+    p = run(["--student", m, "--teacher", teacher, "--env", "twx:peckingorder", "--total-iterations", "2", "--num-envs", "2",
+             "--group-size", "2", "--max-turns", "2", "--max-new-tokens", "8", "--max-seq-len", "512",
+             "--eval-episodes", "2", "--eval-interval", "2", "--rollout-gather", "layers", "--rollout-chunk", "1",
+             "--activation-checkpointing"], tmp_path, timeout=300)
+    assert "activation checkpointing on, rollouts gather by layer" in p.stdout and "1 episode(s) decoded at once" in p.stdout
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert all(v > 0 for v in scalars(run_dir, "memory/peak_gib").values()) and scalars(run_dir, "memory/plan_gib")
+    assert list(scalars(run_dir, "losses/no_signal_steps").values()) == [0, 0]
+    assert all(v > 0 for v in scalars(run_dir, "losses/grad_norm").values())
+    assert os.path.exists(os.path.join(run_dir, "final", "config.json"))

@@ -357,8 +357,10 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks):
     (["--env", "twx:sorting"], "no tiny expert for env 'twx:sorting'"),
     (["--student", "tiny-huge"], "no tiny student 'tiny-huge'"),
     (["--user-model", "tiny"], "--user-model is for conversational envs"),
-    (["--batch-cache", "--no-cache-turns"], "--batch-cache keeps the caches between turns"),
-    (["--eval-batch", "-1"], "--eval-batch must be 0 (auto) or more"),
+    (["--batch-cache", "--no-cache-turns"], "--batch-cache keeps the whole batch's caches between turns"),
+    (["--batch-cache", "--rollout-chunk", "4"], "--batch-cache keeps the whole batch's caches between turns"),
+    (["--rollout-chunk", "-1"], "--eval-batch and --rollout-chunk must be 0 (auto) or more"),
+    (["--eval-batch", "-1"], "--eval-batch and --rollout-chunk must be 0 (auto) or more"),
     (["--ratio-clip", "0.2", "--student-loss", "full"], "--ratio-clip weighs the sampled form's tokens"),
     (["--adv-baseline", "--ratio-clip", "0.2", "--student-loss", "full"], "--ratio-clip weighs the sampled form's"),
 ])

@@ -136,6 +136,11 @@ def test_topk_tail_holds_the_mass_outside_the_teachers_topk_down():
     assert cos[True] > 0.9 and cos[True] - cos[False] > 0.3  # 0.96 and 0.54 here
 
 
+def filled(**kw):
+    """Args as a tiny run has them after fill_defaults (its three domains among them), with `kw` set."""
+    return m.Args(**{**m.TINY, **kw})
+
+
 def tiny_model(vocab=50, seed=0):
     torch.manual_seed(seed)
     cfg = Qwen3Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -164,7 +169,7 @@ def test_loss_is_the_mean_over_trajectories_of_their_token_means(loss, tail):
     mb = {**batch, "teacher_logp": scores.logp, "teacher_full": scores.full, "teacher_topk_logp": scores.topk_logp,
           "teacher_topk_ids": scores.topk_ids}
     mb = {key: v for key, v in mb.items() if v is not None}
-    args = m.Args(loss=loss, topk=k, adv_clip=0.5, topk_tail=tail)
+    args = filled(loss=loss, topk=k, adv_clip=0.5, topk_tail=tail)
     total, stats = m.mopd_loss(student, mb, args)
     ls = torch.log_softmax(student(input_ids=batch["input_ids"]).logits.float(), -1)
     lt = torch.log_softmax(teacher(input_ids=batch["input_ids"]).logits.float(), -1)
@@ -265,7 +270,7 @@ def test_a_failing_environment_ends_its_episode_named_by_its_domain():
                 raise RuntimeError("the game server went away")
             return "Nothing happens.", 0.0, False, {"success": False, "score": 0.0, "invalid": False}
 
-    args = m.Args(max_new_tokens=4, max_seq_len=512)
+    args = filled(max_new_tokens=4, max_seq_len=512)
     episodes = m.rollout(tiny_model(len(tok)), tok, [Env(False), Env(True), Env(False)], ["simonsays", "coin", "simonsays"],
                          [0, 1, 2], args, torch.Generator(), 1.0, max_turns=2)
     assert [(ep.task, ep.error) for ep in episodes] == [("simonsays", ""), ("coin", "RuntimeError: the game server went away"),
@@ -319,7 +324,7 @@ def test_gradient_accumulation_equals_the_mean_over_trajectories(process_group, 
     """One mini-batch in many micro-batches: the gradient of the hand-written loss, the mean over all its
     trajectories of their token means (not the token mean of the batch)."""
     episodes = synthetic_episodes()
-    args = m.Args(loss=loss, topk=7, num_minibatches=1, max_grad_norm=1e9, micro_batch_tokens=20, adv_clip=1.0)
+    args = filled(loss=loss, topk=7, num_minibatches=1, max_grad_norm=1e9, micro_batch_tokens=20, adv_clip=1.0)
     _, grads, batch, scores = run_train_step(args, episodes)
     ref = tiny_model(50, seed=2)
     mb = {**batch, "teacher_logp": scores.logp, "teacher_full": scores.full, "teacher_topk_logp": scores.topk_logp,
@@ -446,3 +451,40 @@ def test_tau2_domain_beside_a_game_with_a_model_customer(tmp_path, qwen3_shaped)
     shown = acc.Tensors("eval/airline/trajectory/text_summary")[-1].tensor_proto.string_val[0].decode()
     scripted, _ = envs.make("tau2:airline", seed=1, split="heldout").reset(0)
     assert "airline" in shown and scripted not in shown
+
+
+# ------------------------------------------------------------------------- real students: plan and memory
+def test_plan_prints_the_table_and_loads_no_weights(tmp_path, qwen3_shaped):
+    m_ = qwen3_shaped
+    p = run(["--student", m_, "--domains", f"twx:simonsays@{m_}", "--plan"], tmp_path, timeout=120)
+    out = p.stdout + p.stderr
+    for row in ("GiB per rank", "student weights, gradients and AdamW state", "teacher scoring:", "peak", "fits",
+                "rollout gather", "rollout chunk"):
+        assert row in out, out[-3000:]
+    assert "Loading weights" not in out and not (tmp_path / "runs").exists()  # configs only: no model, no run
+
+
+def test_a_real_student_needs_domains(tmp_path):
+    p = run(["--student", "qwen3-1.7b"], tmp_path, check=False, timeout=120)
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1 and "needs --domains" in lines[0], p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_real_shaped_run_with_the_least_memory_settings(tmp_path, qwen3_shaped, ranks):
+    """A Qwen3-shaped student and teacher (the same model: the loss and its gradient are 0, so the run must end
+    with the model it started from) with rollouts gathered by layer, one episode decoded at a time and
+    activation checkpointing; with 2 ranks the weights reach rank 1 from rank 0 (fill_from_rank0)."""
+    m_ = qwen3_shaped
+    p = run(["--student", m_, "--domains", f"twx:simonsays@{m_}", "--num-envs", "2", "--total-iterations", "2",
+             "--max-turns", "2", "--max-new-tokens", "8", "--max-seq-len", "512", "--eval-episodes", "2",
+             "--rollout-gather", "layers", "--rollout-chunk", "1", "--activation-checkpointing"], tmp_path,
+             torchrun=ranks if ranks > 1 else 0)
+    assert "activation checkpointing on, rollouts gather by layer" in p.stdout and "1 episode(s) decoded at once" in p.stdout
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    peak, planned = scalars(run_dir, "memory/peak_gib"), scalars(run_dir, "memory/plan_gib")
+    assert set(peak) == set(planned) == {1, 2} and all(v > 0 for v in peak.values())
+    assert all(abs(v) < 1e-5 for v in scalars(run_dir, "losses/reverse_kl").values())
+    start = Qwen3ForCausalLM.from_pretrained(m_).state_dict()
+    final = final_weights(run_dir)
+    assert all(torch.equal(final[k], start[k]) for k in start)

@@ -1,7 +1,7 @@
 """two_phase.py: the losses against their definitions, the phase switch, the balanced off-policy batches,
 routing of each episode to its own task's expert, the training step in-process under FSDP2, and end-to-end
 runs in a subprocess (single process, torchrun with 2 ranks, interrupted in either phase and resumed, bad
-input).
+input), the memory plan (--plan) and a Qwen3-shaped run with every memory saving on.
 
 The end-to-end runs use the smoke recipe's models: experts that write valid, mostly wrong actions (a wrong
 action ends a simonsays game), so episodes end at different turns and ranks get uneven work; the smoke
@@ -381,7 +381,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks, phase1):
 
 @pytest.mark.parametrize("args,expected", [
     (["--tasks", "twx:simonsays", "twx:sorting"], "no tiny expert for env 'twx:sorting'"),
-    (["--tasks", "twx:nosuchgame"], "unknown env"),
+    (["--tasks", "twx:nosuchgame"], "no tiny expert for env 'twx:nosuchgame'"),  # names resolve before envs are made
+    (["--tasks", "twx:nosuchgame", "--teachers", "tiny-expert:coin"], "unknown env"),
     (["--teachers", "tiny-expert:simonsays"], "--teachers must name one expert per task: 3 task(s)"),
     (["--teachers", "nosuchmodel", "tiny-expert:coin", "tiny-expert:coin"], "unknown model"),
     (["--phase1-iterations", "-1"], "must be 0 or more, and not both 0"),
@@ -428,8 +429,50 @@ def test_tau2_tasks_end_to_end_with_a_model_customer(tmp_path, qwen3_shaped):
     p = run(["--tasks", "tau2:airline", "tau2:retail", "--student", m, "--teachers", m, m, "--user-model", m,
              "--num-envs", "2", "--phase1-iterations", "1", "--phase2-iterations", "1", "--expert-episodes", "2",
              "--no-success-only", "--max-turns", "2", "--max-new-tokens", "8", "--max-seq-len", "9000",
-             "--num-minibatches", "1", "--eval-interval", "2", "--eval-episodes", "2", "--learning-rate", "1e-3"], tmp_path)
+             "--num-minibatches", "1", "--eval-interval", "2", "--eval-episodes", "2", "--learning-rate", "1e-3",
+             "--device-memory", "cpu:16"], tmp_path)  # the plan's budget, not this shared host's free memory
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     assert "held-out success airline" in p.stdout and os.path.exists(os.path.join(run_dir, "final", "config.json"))
     assert scalars(run_dir, "schedule/phase") == {1: 1, 2: 2} and set(scalars(run_dir, "losses/reverse_kl")) == {2}
     assert all(v > 0 for v in scalars(run_dir, "losses/grad_norm").values())
+
+
+# ---------------------------------------------------------------------------------------------- real models
+def test_plan_prints_the_table_without_weights(tmp_path, qwen3_shaped):
+    """--plan: the memory plan from the configs alone, printed for 1 to 8 ranks, before any env or weight: the
+    model's folder here holds no weights at all."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(qwen3_shaped, bare, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    m = str(bare)
+    p = run(["--student", m, "--tasks", "twx:simonsays", "--teachers", m, "--plan"], tmp_path, timeout=120)
+    assert "memory plan: student" in p.stdout and "peak" in p.stdout and "8 rank(s)" in p.stdout, p.stdout[-2000:]
+    assert "rollout:" in p.stdout and "training micro-batch:" in p.stdout
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("args,missing", [(["--tasks", "twx:simonsays"], "--teachers"), ([], "--tasks and --teachers")])
+def test_a_real_student_needs_its_tasks_and_experts(tmp_path, qwen3_shaped, args, missing):
+    p = run(["--student", qwen3_shaped] + args, tmp_path, check=False, timeout=120)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and f"needs {missing}" in last and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_real_shaped_run_with_the_least_memory_choices(tmp_path, qwen3_shaped, ranks):
+    """A Qwen3-shaped student and expert (real tokenizer, tied embeddings) through both phases with every memory
+    saving on: rollouts gathered layer by layer, one episode decoded at a time, activation checkpointing; with 2
+    ranks the models are read by rank 0 alone and the other's shards filled from it. The peak memory is logged."""
+    m = qwen3_shaped
+    p = run(["--student", m, "--tasks", "twx:simonsays", "--teachers", m, "--phase1-iterations", "1",
+             "--phase2-iterations", "1", "--num-envs", "2", "--max-turns", "2", "--max-new-tokens", "8", "--max-seq-len",
+             "512", "--eval-episodes", "2", "--eval-interval", "2", "--expert-episodes", "2", "--no-success-only",
+             "--rollout-gather", "layers", "--rollout-chunk", "1", "--activation-checkpointing",
+             "--device-memory", "cpu:16"], tmp_path, torchrun=ranks if ranks > 1 else 0, timeout=300)  # not this host's
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert "activation checkpointing on, rollouts gather by layer" in p.stdout and "1 episode(s) decoded at once" in p.stdout
+    assert scalars(run_dir, "schedule/phase") == {1: 1, 2: 2} and set(scalars(run_dir, "losses/reverse_kl")) == {2}
+    assert all(v > 0 for v in scalars(run_dir, "memory/peak_gib").values()) and set(scalars(run_dir, "memory/plan_gib")) == {1, 2}
+    assert all(v > 0 for v in scalars(run_dir, "losses/grad_norm").values())
+    assert os.path.exists(os.path.join(run_dir, "final", "config.json"))
