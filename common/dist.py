@@ -56,8 +56,26 @@ def setup() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local_rank)
     else:  # ranks on one CPU share its cores
         torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        return_freed_memory()
     _DEVICE = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), _DEVICE
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> None:
+    """On a CPU (glibc), serve every allocation of `threshold` bytes or more with its own mapping, so that a freed
+    tensor's memory goes back to the system at once. glibc's default raises that threshold as large blocks are
+    freed (up to 32 MiB), after which a model's layer-sized tensors come from the heap, and memory a phase frees
+    (loading, a rollout's caches) stays in the process while the next phase allocates anew: a rank's resident
+    memory then grows past what it holds at any moment, and past its memory plan."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixed: no more dynamic raising)
+        libc.mallopt(-1, threshold)  # M_TRIM_THRESHOLD: give back the heap's free top too
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def world_size() -> int:
