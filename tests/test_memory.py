@@ -140,7 +140,8 @@ def test_real_path_at_a_qwen3_shape_with_every_memory_saving(tmp_path, qwen3_sha
     out = run_script("guided_opd.py", ["--student", m, "--teacher", m, "--env", "twx:simonsays", "--num-envs", "2",
                                        "--max-turns", "2", "--max-new-tokens", "8", "--max-seq-len", "512",
                                        "--total-iterations", "2", "--eval-episodes", "2", "--rollout-gather", "layers",
-                                       "--rollout-chunk", "1", "--no-cache-turns", "--activation-checkpointing"], tmp_path)
+                                       "--rollout-chunk", "1", "--no-cache-turns", "--activation-checkpointing",
+                                       "--device-memory", "cpu:16"], tmp_path)
     assert "rollouts gather by layer, caches rebuilt each turn, 1 episode(s) decoded at once" in out.stdout
     assert "activation checkpointing on" in out.stdout
     (run_dir,) = (tmp_path / "runs").iterdir()
