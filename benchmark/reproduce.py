@@ -71,15 +71,24 @@ Curve = dict[int, float]  # step -> value
 # The scripts' defaults, read from their text (importing a script would import torch and the models' code)
 # ----------------------------------------------------------------------------------------------------
 def script_default(script: str, name: str):
-    """The default of field `name` of `script`'s Args (a literal)."""
+    """The tiny default of field `name` of `script`'s Args (a literal): its default, or where that is None ("auto"),
+    its value in the script's TINY table."""
     with open(os.path.join(ROOT, script)) as f:
         tree = ast.parse(f.read())
+    value = None
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == "Args":
             for stmt in node.body:
                 if isinstance(stmt, ast.AnnAssign) and getattr(stmt.target, "id", None) == name and stmt.value:
-                    return ast.literal_eval(stmt.value)
-    raise SystemExit(f"error: {script} has no Args field {name!r} with a literal default")
+                    value = ast.literal_eval(stmt.value)
+    if value is not None:
+        return value
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "TINY":
+            for kw in node.value.keywords:
+                if kw.arg == name:
+                    return ast.literal_eval(kw.value)
+    raise SystemExit(f"error: {script} has no Args field {name!r} with a literal default or TINY value")
 
 
 def default_iterations(script: str) -> int:

@@ -120,8 +120,8 @@ def test_dry_run_commands(tmp_path):
         "runs/reproduce/mopd/mopd-loss-topk-no-topk-tail", "runs/reproduce/mopd/mopd-loss-topk-the-real-model-loss"))), p.stdout
     pooled = lines[2]
     assert "two_phase.py" in pooled and "--phase1-iterations 6 --phase2-iterations 0" in pooled
-    specs = [d.partition("@")[0] for d in mopd.Args().domains]  # mopd's default domains and their teachers
-    teachers = [d.partition("@")[2] for d in mopd.Args().domains]
+    specs = [d.partition("@")[0] for d in mopd.TINY["domains"]]  # mopd's tiny default domains and their teachers
+    teachers = [d.partition("@")[2] for d in mopd.TINY["domains"]]
     assert f"--tasks {' '.join(specs)}" in pooled.replace("'", "")
     assert (f"--teachers {' '.join(teachers)}" in pooled.replace("'", "")) if all(teachers) else "--teachers" not in pooled
     assert "--route simonsays" in lines[1] and "--loss pg" in lines[3] and "--loss topk" in lines[4]
@@ -131,7 +131,7 @@ def test_dry_run_commands(tmp_path):
     assert "--real-losses" in lines[5]
     off_matched = ("--num-envs 16 --learning-rate 5e-4 --num-minibatches 5 --eval-episodes 64 --no-success-only")
     assert off_matched in pooled  # MOPD's batch, rate, steps and held-out episodes (mopd.py's own defaults)
-    assert [mopd.Args().num_envs, mopd.TINY["learning_rate"], mopd.Args().num_minibatches, mopd.Args().eval_episodes] == [
+    assert [mopd.Args().num_envs, mopd.TINY["learning_rate"], mopd.TINY["num_minibatches"], mopd.Args().eval_episodes] == [
         16, 5e-4, 5, 64]
 
     p = reproduce_cmd(["two_phase", "--dry-run", "--seeds", "1", "--iterations", "7"], tmp_path)
