@@ -94,7 +94,7 @@ def main() -> None:
     a = parser.parse_args()
     command = "python benchmark/real_shapes.py " + " ".join(sys.argv[1:])
     if a.readme:
-        lines = [f"# The README's torchrun commands: their memory plans on 8 GPUs of 80 GiB\n", f"`{command.strip()}`"
+        lines = ["# The README's torchrun commands: their memory plans on 8 GPUs of 80 GiB\n", f"`{command.strip()}`"
                  " (an expert of the student's size stands in for each `<expert>`; the plan reads shapes only)\n",
                  "| command | student, teachers | peak GiB per rank at 8 ranks | fits 80 GiB | choices at 8 ranks |",
                  "|---|---|---|---|---|"]

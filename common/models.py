@@ -177,7 +177,7 @@ def teacher_name(name: str | None, student: str, env: str, real_default: str = "
         from common import tiny
 
         try:
-            envs.check(env)  # an unknown env says so, rather than that it has no tiny expert
+            envs.check_spec(env)  # an unknown env says so, rather than that it has no tiny expert
             return tiny.expert_for(env)
         except (envs.EnvError, ValueError) as e:
             raise ModelError(str(e)) from None

@@ -60,7 +60,7 @@ def missing(family: str) -> str | None:
     return None
 
 
-def check(spec: str):
+def check_spec(spec: str):
     """(family, name, params, module) of a spec whose family and game exist, else a one-line EnvError; no env is
     made (a run's plan checks names before anything starts)."""
     family, _, rest = spec.partition(":")
@@ -78,7 +78,7 @@ def make(spec: str, seed: int = 0, split: str = "train", **kwargs) -> TextEnv:
     """Build the environment named by `spec`. `seed` seeds the wrapper's own random draws (which game
     `reset(seed)` plays does not depend on it; envs/base.py says what does); `kwargs` go to the family's
     `make_env` (e.g. a conversational env's simulated user)."""
-    family, name, params, module = check(spec)
+    family, name, params, module = check_spec(spec)
     try:
         inspect.signature(module.make_env).bind(name, params, split, int(seed), **kwargs)
     except TypeError:

@@ -398,19 +398,22 @@ def test_tau2_airline_end_to_end_with_a_model_customer(tmp_path, qwen3_shaped):
     assert all(v > 0 for v in scalars(run_dir, "losses/grad_norm").values())
 
 
-def test_real_student_gets_a_real_teacher_and_real_lengths():
-    """`--student qwen3-1.7b` with no --teacher: the real default teacher and the real-model lengths, not the
-    tiny expert (whose vocabulary could never match)."""
+def test_real_student_gets_the_real_defaults_and_needs_its_teacher():
+    """`--student qwen3-1.7b`: the real-model lengths, losses, rate and one step per batch, never the tiny default's
+    game or expert (whose vocabulary could never match): without --teacher and --env it is refused."""
     from common.models import fill_defaults, student_name, teacher_name
 
-    args = g.Args(student="qwen3-1.7b")
-    fill_defaults(args, g.TINY, g.REAL)
-    assert teacher_name(args.teacher, student_name(args.student, args.env), args.env, g.REAL_TEACHER) == "qwen3-8b"
+    args = g.Args(student="qwen3-1.7b", teacher="qwen3-8b", env="alfworld")
+    fill_defaults(args, g.TINY, g.REAL, required=("env", "teacher"))
+    assert teacher_name(args.teacher, student_name(args.student, args.env), args.env) == "qwen3-8b"
     assert (args.max_new_tokens, args.student_loss, args.teacher_loss, args.max_turns) == (512, "topk", "ce", 0)
+    assert (args.learning_rate, args.num_minibatches) == (2e-5, 1)
+    with pytest.raises(SystemExit, match="needs --env and --teacher"):
+        fill_defaults(g.Args(student="qwen3-1.7b"), g.TINY, g.REAL, required=("env", "teacher"))
     tiny_args = g.Args()
-    fill_defaults(tiny_args, g.TINY, g.REAL)
-    assert (tiny_args.max_new_tokens, tiny_args.student_loss, tiny_args.max_turns) == (24, "full", 12)
-    assert teacher_name(None, "tiny", "twx:coin", g.REAL_TEACHER) == "tiny-expert:coin"
+    fill_defaults(tiny_args, g.TINY, g.REAL, required=("env", "teacher"))
+    assert (tiny_args.max_new_tokens, tiny_args.student_loss, tiny_args.max_turns, tiny_args.env) == (24, "full", 12, "twx:simonsays")
+    assert teacher_name(None, "tiny", "twx:coin") == "tiny-expert:coin"
     # evaluation: a tiny student plays its rank's share of the held-out episodes at once, a real one --num-envs
     from common.runs import eval_batch
 

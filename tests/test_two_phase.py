@@ -381,7 +381,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, ranks, phase1):
 
 @pytest.mark.parametrize("args,expected", [
     (["--tasks", "twx:simonsays", "twx:sorting"], "no tiny expert for env 'twx:sorting'"),
-    (["--tasks", "twx:nosuchgame"], "no tiny expert for env 'twx:nosuchgame'"),  # names resolve before envs are made
+    (["--tasks", "twx:nosuchgame"], "unknown env 'twx:nosuchgame'"),  # checked by name, before any env is made
     (["--tasks", "twx:nosuchgame", "--teachers", "tiny-expert:coin"], "unknown env"),
     (["--teachers", "tiny-expert:simonsays"], "--teachers must name one expert per task: 3 task(s)"),
     (["--teachers", "nosuchmodel", "tiny-expert:coin", "tiny-expert:coin"], "unknown model"),
